@@ -1,0 +1,104 @@
+"""Attach per-block wrappers to module instances and take them off again.
+
+A wrapped block computes on the steps its compute mask marks (recording its residual-branch output)
+and returns a forecast from its stored outputs otherwise. The current step index and t come from a
+`StepContext`, which the policy advances through its sampling hooks (plain Python values, so the
+static-schedule path has no host sync and stays traceable by torch.compile).
+"""
+
+import functools
+import re
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+from policy_accel.cache.forecast import Forecaster
+
+FFN_KINDS = ("ff", "ffn", "mlp", "feed_forward")
+
+
+@dataclass
+class BlockInfo:
+    name: str  # qualified module name inside the denoiser
+    layer: int  # first integer in the name (its layer index)
+    kind: str  # last component of the name, e.g. "self_attn", "ff"
+
+    @property
+    def is_ffn(self) -> bool:
+        return self.kind in FFN_KINDS
+
+
+def find_blocks(model: nn.Module, pattern: str | None = None) -> list[BlockInfo]:
+    """Blocks whose qualified name fully matches `pattern` (default: the model's `cache_blocks`)."""
+    pattern = pattern or getattr(model, "cache_blocks", None)
+    if not pattern:
+        raise ValueError(
+            f"{type(model).__name__} has no `cache_blocks` pattern; pass blocks=<regex> in the cache config"
+        )
+    blocks = []
+    for name, _ in model.named_modules():
+        if name and re.fullmatch(pattern, name):
+            digits = re.search(r"\d+", name)
+            blocks.append(BlockInfo(name, int(digits.group()) if digits else 0, name.rsplit(".", 1)[-1]))
+    if not blocks:
+        raise ValueError(f"no module of {type(model).__name__} matches the block pattern {pattern!r}")
+    return blocks
+
+
+class StepContext:
+    """The sampler's position, advanced by the policy's sampling hooks; resets block state per chunk."""
+
+    def __init__(self, num_steps: int):
+        self.num_steps = num_steps
+        self.step = 0
+        self.t = 0.0
+        self.hooks: list["BlockHook"] = []
+
+    def begin_chunk(self, batch_size: int, timesteps: list[float]) -> None:
+        if len(timesteps) != self.num_steps:
+            raise ValueError(
+                f"cache was configured for {self.num_steps} denoising steps but the sampler runs "
+                f"{len(timesteps)}; re-apply acceleration after changing the sampler"
+            )
+        self.reset()
+
+    def begin_step(self, step_index: int, t: float) -> None:
+        self.step, self.t = step_index, t
+
+    def reset(self) -> None:
+        self.step, self.t = 0, 0.0
+        for hook in self.hooks:
+            hook.forecaster.reset()
+
+
+class BlockHook:
+    """Replaces one module instance's forward: compute-and-record, or forecast."""
+
+    def __init__(self, module: nn.Module, info: BlockInfo, mask: list[bool], forecaster: Forecaster,
+                 ctx: StepContext):
+        if not mask[0]:
+            raise ValueError(f"block {info.name}: step 0 must compute (nothing to reuse before it)")
+        self.module, self.info, self.mask, self.forecaster, self.ctx = module, info, mask, forecaster, ctx
+        self.computed = 0
+        self.skipped = 0
+        self.original_forward = module.forward
+        self.instance_forward = module.__dict__.get("forward")  # another wrapper already on this instance
+        module.forward = functools.update_wrapper(functools.partial(BlockHook.forward, self),
+                                                  self.original_forward)
+        ctx.hooks.append(self)
+
+    def forward(self, *args, **kwargs):
+        if self.mask[self.ctx.step]:
+            self.computed += 1
+            out = self.original_forward(*args, **kwargs)
+            self.forecaster.update(self.ctx.t, out)
+            return out
+        self.skipped += 1
+        return self.forecaster.predict(self.ctx.t)
+
+    def remove(self) -> None:
+        if self.instance_forward is None:
+            del self.module.forward  # the instance attribute goes; the class's forward is back
+        else:
+            self.module.forward = self.instance_forward
+        self.forecaster.reset()

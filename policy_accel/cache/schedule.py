@@ -1,0 +1,148 @@
+"""Static compute schedules: for each cached block, the denoising steps on which it computes.
+
+    uniform_steps(num_steps, interval)          every block on steps 0, N, 2N, ...
+    acs_steps(similarity, budget)               BAC's Adaptive Caching Scheduler (dynamic program)
+    bubbling_union(steps, volatility, ffn, n)   BAC's Bubbling Union across layers
+
+A `Schedule` is bound to the checkpoint, sampler and step count it was made for; loading it onto
+anything else raises.
+"""
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+FORMAT_VERSION = 1
+
+
+def uniform_steps(num_steps: int, interval: int, warmup: int = 0) -> list[int]:
+    """Steps 0..warmup-1, then every `interval`-th step from `warmup` on."""
+    if interval < 1:
+        raise ValueError(f"interval must be >= 1, got {interval}")
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0, got {warmup}")
+    return sorted({*range(min(warmup, num_steps)), *range(warmup, num_steps, interval)} | {0})
+
+
+def segment_scores(similarity: np.ndarray) -> np.ndarray:
+    """score[j, i] = sum_{t=j..i} S[j, t]: value of computing at j and reusing it through step i."""
+    upper = np.triu(similarity)
+    return np.cumsum(upper, axis=1)
+
+
+def acs_steps(similarity: np.ndarray, budget: int) -> list[int]:
+    """Choose `budget` update steps (step 0 always) partitioning 0..K-1 into contiguous segments
+    that maximise sum over segments of sum_{t in segment} S[start, t]. O(budget * K^2)."""
+    sim = np.asarray(similarity, dtype=np.float64)
+    K = sim.shape[0]
+    if sim.shape != (K, K):
+        raise ValueError(f"similarity must be square, got shape {sim.shape}")
+    if not 1 <= budget <= K:
+        raise ValueError(f"budget must be in [1, {K}] for {K} steps, got {budget}")
+    score = segment_scores(sim)
+    # best[s][i]: best value covering steps 0..i with s segments; arg[s][i]: start of the last one
+    best = np.full((budget + 1, K), -np.inf)
+    arg = np.zeros((budget + 1, K), dtype=np.int64)
+    best[1] = score[0]
+    starts = np.arange(K)
+    for s in range(2, budget + 1):
+        # candidate[j, i] = best[s-1][j-1] + score[j, i] for a last segment j..i (j >= 1, j <= i)
+        prev = np.concatenate([[-np.inf], best[s - 1][:-1]])
+        cand = prev[:, None] + score
+        cand[starts[:, None] > starts[None, :]] = -np.inf
+        cand[0] = -np.inf
+        arg[s] = np.argmax(cand, axis=0)
+        best[s] = cand[arg[s], starts]
+    steps, i = [], K - 1
+    for s in range(budget, 1, -1):
+        j = int(arg[s][i])
+        steps.append(j)
+        i = j - 1
+    return [0, *sorted(steps)]
+
+
+def bubbling_union(
+    steps: dict[str, list[int]],
+    volatility: dict[str, float],
+    layer_of: dict[str, int],
+    ffn_blocks: set[str],
+    n_blocks: int,
+) -> dict[str, list[int]]:
+    """Rank blocks by volatility; for each of the top `n_blocks` (at layer L), add its update steps to
+    every FFN block at layer >= L, so no FFN recomputes on an input made stale upstream."""
+    if n_blocks < 0:
+        raise ValueError(f"bubble_blocks must be >= 0, got {n_blocks}")
+    out = {name: set(s) for name, s in steps.items()}
+    for name in sorted(volatility, key=lambda b: -volatility[b])[:n_blocks]:
+        for ffn in ffn_blocks:
+            if layer_of[ffn] >= layer_of[name]:
+                out[ffn] |= set(steps[name])
+    return {name: sorted(s) for name, s in out.items()}
+
+
+@dataclass
+class Schedule:
+    """Per-block compute steps for one checkpoint, sampler and step count."""
+
+    blocks: dict[str, list[int]]
+    num_steps: int
+    sampler: str
+    checkpoint_hash: str = ""
+    method: str = "bac"
+    budget: int | None = None
+    bubble_blocks: int = 0
+    calibration: dict = field(default_factory=dict)
+    package_version: str = ""
+    format: int = FORMAT_VERSION
+
+    def __post_init__(self):
+        for name, s in self.blocks.items():
+            if not s or s[0] != 0 or s != sorted(set(s)) or s[-1] >= self.num_steps:
+                raise ValueError(
+                    f"block {name!r}: steps must be sorted, unique, start at 0 and be < {self.num_steps}; got {s}"
+                )
+
+    def mask(self, name: str) -> list[bool]:
+        row = [False] * self.num_steps
+        for k in self.blocks[name]:
+            row[k] = True
+        return row
+
+    def computed_fraction(self) -> float:
+        return sum(len(s) for s in self.blocks.values()) / (len(self.blocks) * self.num_steps)
+
+    def check_compatible(self, block_names: list[str], sampler: str, num_steps: int, checkpoint_hash: str):
+        """Raise ValueError naming every mismatch between this schedule and a policy."""
+        problems = []
+        if self.checkpoint_hash and checkpoint_hash and self.checkpoint_hash != checkpoint_hash:
+            problems.append(
+                f"made for checkpoint {self.checkpoint_hash[:12]}, policy is {checkpoint_hash[:12]}"
+            )
+        if self.sampler != sampler:
+            problems.append(f"made for sampler {self.sampler!r}, policy uses {sampler!r}")
+        if self.num_steps != num_steps:
+            problems.append(f"made for {self.num_steps} steps, policy samples {num_steps}")
+        if set(self.blocks) != set(block_names):
+            missing, extra = set(block_names) - set(self.blocks), set(self.blocks) - set(block_names)
+            problems.append(f"block names differ (missing {sorted(missing)[:4]}, unknown {sorted(extra)[:4]})")
+        if problems:
+            raise ValueError("schedule does not match this policy: " + "; ".join(problems))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(asdict(self), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Schedule":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"schedule file not found: {path}")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"schedule file {path} is not valid JSON: {e}") from e
+        if data.get("format") != FORMAT_VERSION:
+            raise ValueError(f"schedule file {path} has format {data.get('format')}, expected {FORMAT_VERSION}")
+        return cls(**data)

@@ -1,0 +1,52 @@
+"""What the cache did: per-block computed/skipped counts, bytes held, FLOPs measured per chunk."""
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+
+@dataclass
+class BlockStats:
+    computed: int
+    skipped: int
+
+
+@dataclass
+class CacheStats:
+    method: str
+    blocks: dict[str, BlockStats]
+    cache_bytes: int
+
+    @property
+    def skipped_fraction(self) -> float:
+        total = sum(b.computed + b.skipped for b in self.blocks.values())
+        return sum(b.skipped for b in self.blocks.values()) / max(total, 1)
+
+    def __str__(self) -> str:
+        computed = sum(b.computed for b in self.blocks.values())
+        skipped = sum(b.skipped for b in self.blocks.values())
+        return (f"{self.method}: {len(self.blocks)} blocks, {computed} computed, {skipped} skipped "
+                f"({self.skipped_fraction:.0%}), cache {self.cache_bytes / 1024:.1f} KiB")
+
+
+def cache_stats(policy) -> CacheStats:
+    """Counts since `accelerate` and the bytes the cache holds now."""
+    acc = getattr(policy, "acceleration", None)
+    if acc is None:
+        raise ValueError("policy is not accelerated: call pa.accelerate(policy, config) first")
+    return CacheStats(
+        method=acc.config.tag,
+        blocks={h.info.name: BlockStats(h.computed, h.skipped) for h in acc.hooks},
+        cache_bytes=sum(h.forecaster.nbytes for h in acc.hooks),
+    )
+
+
+def chunk_flops(policy, obs: np.ndarray) -> int:
+    """FLOPs of one `predict_action_chunk(obs)` as the policy is now (skipped blocks cost nothing)."""
+    policy.reset()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        policy.predict_action_chunk(obs)
+    policy.reset()
+    return int(counter.get_total_flops())

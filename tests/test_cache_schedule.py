@@ -1,0 +1,145 @@
+"""Forecaster exactness, ACS optimality against brute force, Bubbling Union, schedule files."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from policy_accel.cache import Forecaster, Schedule, acs_steps, bubbling_union, uniform_steps
+from policy_accel.cache.schedule import segment_scores
+
+UNEVEN_T = [99.0, 97.0, 90.0, 88.5, 71.0, 70.0]
+
+
+def poly_feature(t: float, degree: int) -> torch.Tensor:
+    """A (2, 3) feature whose every entry is a different polynomial of degree `degree` in t."""
+    coef = torch.arange(1, 7, dtype=torch.float64).reshape(2, 3) / 10
+    return sum(coef ** (p + 1) * (t / 50) ** p for p in range(degree + 1))
+
+
+@pytest.mark.parametrize("order", [0, 1, 2, 3, 4])
+def test_newton_forecast_exact_on_polynomials_with_uneven_spacing(order):
+    f = Forecaster(order)
+    for t in UNEVEN_T[: order + 1]:
+        f.update(t, poly_feature(t, order))
+    for t_query in [65.0, 50.2, 3.0]:
+        torch.testing.assert_close(f.predict(t_query), poly_feature(t_query, order), rtol=1e-9, atol=1e-9)
+
+
+def test_newton_keeps_only_order_plus_one_points_and_stays_exact():
+    f = Forecaster(2)
+    for t in UNEVEN_T:  # more points than needed: the window slides
+        f.update(t, poly_feature(t, 2))
+    assert len(f.coeffs) == 3 and f.nodes == UNEVEN_T[-1:-4:-1]
+    torch.testing.assert_close(f.predict(40.0), poly_feature(40.0, 2), rtol=1e-9, atol=1e-9)
+
+
+def test_latest_gap_rule_is_wrong_under_uneven_spacing_but_order1_agrees():
+    newton, backward = Forecaster(2), Forecaster(2, differences="backward")
+    for t in [99.0, 90.0, 88.0]:
+        newton.update(t, poly_feature(t, 2))
+        backward.update(t, poly_feature(t, 2))
+    err_newton = (newton.predict(80.0) - poly_feature(80.0, 2)).abs().max()
+    err_backward = (backward.predict(80.0) - poly_feature(80.0, 2)).abs().max()
+    assert err_newton < 1e-9 < 1e-3 < err_backward
+    # order 1 (linear extrapolation from the last two points) is the same rule in both forms
+    n1, b1 = Forecaster(1), Forecaster(1, differences="backward")
+    for t in [99.0, 90.0, 88.0]:
+        n1.update(t, poly_feature(t, 3))
+        b1.update(t, poly_feature(t, 3))
+    torch.testing.assert_close(n1.predict(70.0), b1.predict(70.0))
+
+
+def test_forecaster_rejects_bad_input():
+    with pytest.raises(ValueError, match="order"):
+        Forecaster(-1)
+    with pytest.raises(ValueError, match="differences"):
+        Forecaster(1, differences="central")
+    f = Forecaster(1)
+    with pytest.raises(RuntimeError, match="before any computed step"):
+        f.predict(1.0)
+    f.update(5.0, torch.ones(2))
+    with pytest.raises(ValueError, match="same t"):
+        f.update(5.0, torch.ones(2))
+
+
+def brute_force_acs(sim: np.ndarray, budget: int) -> tuple[float, list[int]]:
+    K = sim.shape[0]
+    score = segment_scores(sim)
+    best = (-np.inf, [])
+    for rest in itertools.combinations(range(1, K), budget - 1):
+        starts = [0, *rest]
+        ends = [*(s - 1 for s in starts[1:]), K - 1]
+        value = sum(score[s, e] for s, e in zip(starts, ends))
+        if value > best[0] + 1e-12:
+            best = (value, starts)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("budget", [1, 2, 3, 5])
+def test_acs_dynamic_program_matches_brute_force(seed, budget):
+    rng = np.random.default_rng(seed)
+    K = 9
+    feats = rng.normal(size=(K, 4)).cumsum(axis=0)  # a drifting feature, like denoising
+    feats /= np.linalg.norm(feats, axis=1, keepdims=True)
+    sim = feats @ feats.T
+    steps = acs_steps(sim, budget)
+    value, _ = brute_force_acs(sim, budget)
+    score = segment_scores(sim)
+    ends = [*(s - 1 for s in steps[1:]), K - 1]
+    assert steps[0] == 0 and len(steps) == budget == len(set(steps))
+    assert sum(score[s, e] for s, e in zip(steps, ends)) == pytest.approx(value, abs=1e-9)
+
+
+def test_acs_puts_updates_where_the_feature_jumps():
+    sim = np.ones((8, 8))
+    sim[:5, 5:] = sim[5:, :5] = 0.1  # the feature changes once, at step 5
+    assert acs_steps(sim, 2) == [0, 5]
+    with pytest.raises(ValueError, match="budget"):
+        acs_steps(sim, 9)
+
+
+def test_bubbling_union_matches_definition_on_hand_made_case():
+    steps = {"l0.sa": [0, 3], "l0.ff": [0, 5], "l1.sa": [0, 2], "l1.ff": [0, 6], "l2.ff": [0, 7]}
+    layer = {"l0.sa": 0, "l0.ff": 0, "l1.sa": 1, "l1.ff": 1, "l2.ff": 2}
+    ffn = {"l0.ff", "l1.ff", "l2.ff"}
+    vol = {"l0.sa": 0.1, "l0.ff": 0.2, "l1.sa": 0.9, "l1.ff": 0.3, "l2.ff": 0.05}
+    out = bubbling_union(steps, vol, layer, ffn, n_blocks=1)  # only l1.sa (most volatile) bubbles
+    assert out == {"l0.sa": [0, 3], "l0.ff": [0, 5], "l1.sa": [0, 2], "l1.ff": [0, 2, 6], "l2.ff": [0, 2, 7]}
+    out2 = bubbling_union(steps, vol, layer, ffn, n_blocks=2)  # then l1.ff bubbles to l2.ff too
+    assert out2["l2.ff"] == [0, 2, 6, 7] and out2["l0.ff"] == [0, 5]
+    assert bubbling_union(steps, vol, layer, ffn, n_blocks=0) == steps
+
+
+def test_uniform_steps():
+    assert uniform_steps(10, 4) == [0, 4, 8]
+    assert uniform_steps(10, 4, warmup=3) == [0, 1, 2, 3, 7]
+    with pytest.raises(ValueError, match="interval"):
+        uniform_steps(10, 0)
+
+
+def test_schedule_round_trip_and_mismatch_errors(tmp_path):
+    sched = Schedule(blocks={"a": [0, 4], "b": [0, 1, 9]}, num_steps=10, sampler="ddim",
+                     checkpoint_hash="abc123", budget=2)
+    path = tmp_path / "s.json"
+    sched.save(path)
+    loaded = Schedule.load(path)
+    assert loaded == sched and loaded.mask("a") == [True, False, False, False, True] + [False] * 5
+    loaded.check_compatible(["a", "b"], "ddim", 10, "abc123")
+    with pytest.raises(ValueError, match="checkpoint"):
+        loaded.check_compatible(["a", "b"], "ddim", 10, "fff000")
+    with pytest.raises(ValueError, match="made for 10 steps, policy samples 20"):
+        loaded.check_compatible(["a", "b"], "ddim", 20, "abc123")
+    with pytest.raises(ValueError, match="sampler"):
+        loaded.check_compatible(["a", "b"], "ddpm", 10, "abc123")
+    with pytest.raises(ValueError, match="block names"):
+        loaded.check_compatible(["a", "c"], "ddim", 10, "abc123")
+    with pytest.raises(ValueError, match="start at 0"):
+        Schedule(blocks={"a": [1, 4]}, num_steps=10, sampler="ddim")
+    with pytest.raises(FileNotFoundError):
+        Schedule.load(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        Schedule.load(tmp_path / "bad.json")
