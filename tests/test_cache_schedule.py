@@ -71,7 +71,7 @@ def brute_force_acs(sim: np.ndarray, budget: int) -> tuple[float, list[int]]:
     for rest in itertools.combinations(range(1, K), budget - 1):
         starts = [0, *rest]
         ends = [*(s - 1 for s in starts[1:]), K - 1]
-        value = sum(score[s, e] for s, e in zip(starts, ends))
+        value = sum(score[s, e] for s, e in zip(starts, ends, strict=True))
         if value > best[0] + 1e-12:
             best = (value, starts)
     return best
@@ -90,7 +90,7 @@ def test_acs_dynamic_program_matches_brute_force(seed, budget):
     score = segment_scores(sim)
     ends = [*(s - 1 for s in steps[1:]), K - 1]
     assert steps[0] == 0 and len(steps) == budget == len(set(steps))
-    assert sum(score[s, e] for s, e in zip(steps, ends)) == pytest.approx(value, abs=1e-9)
+    assert sum(score[s, e] for s, e in zip(steps, ends, strict=True)) == pytest.approx(value, abs=1e-9)
 
 
 def test_acs_puts_updates_where_the_feature_jumps():

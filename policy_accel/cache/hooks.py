@@ -52,7 +52,7 @@ class StepContext:
         self.num_steps = num_steps
         self.step = 0
         self.t = 0.0
-        self.hooks: list["BlockHook"] = []
+        self.hooks: list[BlockHook] = []
 
     def begin_chunk(self, batch_size: int, timesteps: list[float]) -> None:
         if len(timesteps) != self.num_steps:
