@@ -207,3 +207,20 @@ def test_calibrate_builds_a_valid_schedule_and_bac_taylor_runs(policy):
     pa.accelerate(policy, pa.BACTaylorConfig(schedule=sched, order=1))
     out = policy.predict_action_chunk(OBS)
     assert out.shape == ref.shape and torch.isfinite(out).all()
+
+
+def test_diffusers_taylorseer_peer_matches_ours_with_its_conventions(policy):
+    from policy_accel.cache.peers import apply_diffusers_taylorseer, diffusers_refresh_steps
+
+    names = [b.name for b in pa.find_blocks(policy.model)]
+    steps = diffusers_refresh_steps(10, interval=3, warmup=2)
+    assert steps == [0, 1, 3, 6, 9]
+    handle = apply_diffusers_taylorseer(policy, interval=3, order=2, warmup=2)
+    theirs = policy.predict_action_chunk(OBS)
+    again = policy.predict_action_chunk(OBS)  # state reset per chunk
+    handle.remove()
+    assert torch.equal(theirs, again)
+    sched = Schedule(blocks={n: steps for n in names}, num_steps=10, sampler="flow", checkpoint_hash="tiny-flow")
+    pa.accelerate(policy, pa.BACTaylorConfig(schedule=sched, order=2, differences="backward"))
+    ours = policy.predict_action_chunk(OBS)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
