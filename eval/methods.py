@@ -1,0 +1,117 @@
+"""Method settings for the benchmark, one compact string each:
+
+    uncached                 the checkpoint's native sampler (DDPM-100 for DP-T), no cache
+    ddim10                   DDIM with 10 steps (step reduction, the baseline frontier)
+    lossless                 native sampler + exact per-chunk condition K/V only
+    uniform5                 reuse, all blocks refresh every 5 steps
+    taylorseer4o2            Taylor forecast (order 2), uniform refresh every 4 steps
+    bac10 / bac10nb          BAC schedule with budget 10, with / without the Bubbling Union
+    bac_taylor10o2           BAC schedule + Taylor forecast of order 2 (ours)
+    diffusers_taylorseer4o1  diffusers' own TaylorSeer hook (warm-up 3), for comparison
+    <any>@ddim20             the same on top of DDIM-20
+
+BAC settings read `checkpoints/<name>/schedules/<schedule_name(...)>.json`, made by
+`python -m policy_accel.cache.calibrate`.
+"""
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import policy_accel as pa
+from policy_accel.cache.peers import apply_diffusers_taylorseer
+from policy_accel.sampling import SamplerConfig
+
+_PATTERNS = {
+    "uncached": r"uncached",
+    "ddim": r"ddim(?P<steps>\d+)",
+    "lossless": r"lossless",
+    "uniform": r"uniform(?P<interval>\d+)",
+    "taylorseer": r"taylorseer(?P<interval>\d+)o(?P<order>\d+)",
+    "bac": r"bac(?P<budget>\d+)(?P<nb>nb)?",
+    "bac_taylor": r"bac_taylor(?P<budget>\d+)o(?P<order>\d+)(?P<nb>nb)?",
+    "diffusers_taylorseer": r"diffusers_taylorseer(?P<interval>\d+)o(?P<order>\d+)",
+}
+BUBBLE_BLOCKS = 5
+DIFFUSERS_WARMUP = 3
+
+
+@dataclass
+class Method:
+    spec: str  # the string as given
+    family: str  # key of _PATTERNS
+    params: dict
+    base_steps: int | None  # DDIM steps underneath (None: the native sampler)
+
+    @property
+    def name(self) -> str:
+        """`method` field of the results: uncached, ddim, uniform, ..., diffusers_taylorseer."""
+        return self.family
+
+
+def parse_method(spec: str) -> Method:
+    body, _, base = spec.partition("@")
+    base_steps = None
+    if base:
+        m = re.fullmatch(r"ddim(\d+)", base)
+        if not m:
+            raise ValueError(f"method {spec!r}: only '@ddim<K>' may follow a method, got '@{base}'")
+        base_steps = int(m.group(1))
+    for family, pattern in _PATTERNS.items():
+        m = re.fullmatch(pattern, body)
+        if m:
+            if family in ("uncached", "ddim") and base:
+                raise ValueError(f"method {spec!r}: '@ddim' combines with cache methods only")
+            params = {k: (v is not None if k == "nb" else int(v)) for k, v in m.groupdict().items()}
+            return Method(spec, family, params, base_steps)
+    raise ValueError(f"unknown method {spec!r}; expected one of: {', '.join(_PATTERNS)} (see eval/methods.py)")
+
+
+def sampler_for(method: Method, native: SamplerConfig) -> SamplerConfig:
+    if method.family == "ddim":
+        return SamplerConfig(kind="ddim", num_steps=method.params["steps"])
+    if method.base_steps is not None:
+        return SamplerConfig(kind="ddim", num_steps=method.base_steps)
+    return native
+
+
+def schedule_name(budget: int, bubble_blocks: int, sampler: SamplerConfig) -> str:
+    return f"bac_s{budget}_b{bubble_blocks}_{sampler.kind}{sampler.num_steps}"
+
+
+def apply_method(policy, method: Method, checkpoint_dir: str | Path, native: SamplerConfig):
+    """Configure `policy` for `method`; returns an object with remove() (or None) to undo the cache."""
+    pa.remove_acceleration(policy)
+    policy.set_sampler(sampler_for(method, native))
+    p, fam = method.params, method.family
+    if fam in ("uncached", "ddim"):
+        return None
+    if fam == "diffusers_taylorseer":
+        return apply_diffusers_taylorseer(policy, p["interval"], p["order"], DIFFUSERS_WARMUP)
+    if fam == "lossless":
+        config = pa.LosslessConfig()
+    elif fam == "uniform":
+        config = pa.UniformConfig(interval=p["interval"])
+    elif fam == "taylorseer":
+        config = pa.TaylorSeerConfig(interval=p["interval"], order=p["order"])
+    else:
+        name = schedule_name(p["budget"], 0 if p["nb"] else BUBBLE_BLOCKS, policy.sampler)
+        path = Path(checkpoint_dir) / "schedules" / f"{name}.json"
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"method {method.spec!r} needs schedule {path}; make it with: python -m policy_accel.cache.calibrate "
+                f"checkpoint={checkpoint_dir} budget={p['budget']} bubble_blocks={0 if p['nb'] else BUBBLE_BLOCKS} "
+                f"sampler={policy.sampler.kind} steps={policy.sampler.num_steps}"
+            )
+        config = (pa.BACConfig(schedule=path) if fam == "bac"
+                  else pa.BACTaylorConfig(schedule=path, order=p["order"]))
+    pa.accelerate(policy, config)
+    return _Remover(policy)
+
+
+class _Remover:
+    def __init__(self, policy):
+        self.policy = policy
+
+    def remove(self):
+        pa.remove_acceleration(self.policy)
