@@ -1,0 +1,156 @@
+"""Collect scripted-expert demos into a zarr dataset.
+
+    python -m envs.collect env=lift episodes=200 seed=0 [noise=0.05] [out=data/lift.zarr] [overwrite=true]
+
+Attempt i runs env seed `seed + i` with an expert seed derived from it. DART-style: the env
+executes the expert action plus Gaussian noise (gripper dims excluded, clipped to [-1, 1]),
+the dataset records the expert's clean action. Only successful episodes are kept, each cut
+`steps_after_success` steps after its first success. Same command -> identical data.
+
+Options are `key=value` overrides of configs/collect.yaml (OmegaConf dotlist syntax). This is
+not a hydra main on purpose: hydra would read `env=...` as a choice of the configs/env/ group.
+"""
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from tqdm import tqdm
+
+import envs
+from envs.dataset import DatasetWriter, package_version
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+@dataclass
+class CollectConfig:
+    env: str = "push2d"
+    episodes: int = 200
+    seed: int = 0
+    noise: float = 0.05
+    out: str | None = None
+    overwrite: bool = False
+    max_attempts: int | None = None
+    steps_after_success: int = 10
+
+
+def load_config(schema, argv: list[str], yaml_name: str | None = None):
+    """schema defaults <- configs/<yaml_name> <- `key=value` args; unknown keys raise."""
+    cfg = OmegaConf.structured(schema)
+    if yaml_name:
+        cfg = OmegaConf.merge(cfg, OmegaConf.load(CONFIG_DIR / yaml_name))
+    bad = [a for a in argv if "=" not in a]
+    if bad:
+        raise SystemExit(f"arguments must be key=value, got {bad}; keys: {', '.join(cfg.keys())}")
+    try:
+        return OmegaConf.merge(cfg, OmegaConf.from_dotlist(argv))
+    except OmegaConfBaseException as e:
+        raise SystemExit(f"bad option: {str(e).splitlines()[0]}; keys: {', '.join(cfg.keys())}") from e
+
+
+def derived_seed(env_seed: int, stream: int) -> int:
+    """Independent seeds for the expert (stream 1) and the action noise (stream 2)."""
+    return int(np.random.SeedSequence([env_seed, stream]).generate_state(1)[0])
+
+
+def noise_free_dims(env, act_dim: int) -> list[int]:
+    """Action dims that get no DART noise: the gripper (last dim) on robot arms."""
+    if hasattr(env, "noise_free_dims"):
+        return list(env.noise_free_dims)
+    return [] if env.name in envs.PUSH2D_TASKS else [act_dim - 1]
+
+
+def run_episode(env, expert, env_seed: int, noise: float = 0.0, steps_after_success: int = 10):
+    """One expert episode. Returns dict(obs, action, success, success_step, instruction);
+    obs[t] is the observation the clean action[t] was computed from."""
+    obs, info = env.reset(seed=env_seed)
+    instruction = getattr(env, "instruction", "")
+    expert.reset(seed=derived_seed(env_seed, 1))
+    rng = np.random.default_rng(derived_seed(env_seed, 2))
+    act_dim = env.action_space.shape[0]
+    noisy = np.ones(act_dim, dtype=bool)
+    noisy[noise_free_dims(env, act_dim)] = False
+    max_steps = getattr(env, "horizon", None) or 10_000
+    obs_list, act_list, success_step = [], [], None
+    for t in range(max_steps):
+        action = np.asarray(expert.act(obs), dtype=np.float32)
+        executed = action.astype(np.float64)
+        if noise > 0:
+            executed = np.clip(executed + noisy * rng.normal(0.0, noise, act_dim), -1.0, 1.0)
+        obs_list.append(obs)
+        act_list.append(action)
+        obs, _, terminated, truncated, info = env.step(executed)
+        if success_step is None and info["success"]:
+            success_step = t + 1
+        if terminated or truncated or (success_step is not None and t + 1 >= success_step + steps_after_success):
+            break
+    return {"obs": np.stack(obs_list).astype(np.float32), "action": np.stack(act_list).astype(np.float32),
+            "success": success_step is not None, "success_step": success_step, "instruction": instruction}
+
+
+def collect(env: str, episodes: int, seed: int = 0, noise: float = 0.05, out=None, overwrite: bool = False,
+            max_attempts: int | None = None, steps_after_success: int = 10, command: str = "",
+            progress: bool = True) -> Path:
+    """Collect `episodes` successful demos of env `env`; returns the dataset path."""
+    if episodes < 1:
+        raise ValueError(f"episodes must be >= 1, got {episodes}")
+    if noise < 0:
+        raise ValueError(f"noise must be >= 0, got {noise}")
+    out = Path(out) if out else Path("data") / f"{env.replace(':', '_')}.zarr"
+    max_attempts = max_attempts or 2 * episodes
+    out.parent.mkdir(parents=True, exist_ok=True)
+    writer = DatasetWriter(out, overwrite=overwrite)  # fails fast if `out` exists
+    try:
+        attrs = _collect_into(writer, env, episodes, seed, noise, max_attempts, steps_after_success, progress)
+    except BaseException:  # including Ctrl-C: leave no partial dataset behind
+        writer.abort()
+        raise
+    return writer.close({**attrs, "command": command})
+
+
+def _collect_into(writer, env_name, episodes, seed, noise, max_attempts, steps_after_success, progress) -> dict:
+    env = envs.make_env(env_name)
+    expert = envs.make_expert(env_name, env)
+    seeds, failures, instructions = [], [], []
+    bar = tqdm(total=episodes, desc=f"collect {env_name}", disable=not progress)
+    for i in range(max_attempts):
+        if len(seeds) == episodes:
+            break
+        ep = run_episode(env, expert, seed + i, noise, steps_after_success)
+        if ep["success"]:
+            writer.add_episode(ep["obs"], ep["action"])
+            seeds.append(seed + i)
+            instructions.append(ep["instruction"])
+            bar.update(1)
+        else:
+            failures.append(seed + i)
+        bar.set_postfix(failures=len(failures))
+    bar.close()
+    if len(seeds) < episodes:
+        raise RuntimeError(f"only {len(seeds)}/{episodes} successful episodes in {max_attempts} attempts "
+                           f"on {env_name}; nothing written")
+    attrs = {
+        "env": env_name, "obs_layout": [list(x) for x in env.obs_layout], "env_spec": env.spec_dict(),
+        "instructions": instructions, "seeds": seeds, "failed_seeds": failures,
+        "n_failures": len(failures), "expert": {"name": expert.name, "version": str(expert.version)},
+        "noise": float(noise), "noise_free_dims": noise_free_dims(env, env.action_space.shape[0]),
+        "steps_after_success": steps_after_success, "package_version": package_version(),
+    }
+    env.close()
+    return attrs
+
+
+def main(argv: list[str] | None = None):
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = load_config(CollectConfig, argv, "collect.yaml")
+    path = collect(cfg.env, cfg.episodes, cfg.seed, cfg.noise, cfg.out, cfg.overwrite, cfg.max_attempts,
+                   cfg.steps_after_success, command="python -m envs.collect " + " ".join(argv))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""Residual sub-blocks for transformer denoisers.
+
+Each block owns its pre-norm and returns only its residual-branch output, so a layer reads
+
+    x = x + layer.self_attn(x)
+    x = x + layer.cross_attn(x, memory)
+    x = x + layer.ff(x)
+
+The cache engine wraps these modules by name and may return a stored or forecast branch output
+instead of calling them: they must stay side-effect free and return a tensor shaped like x.
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+KV = tuple[torch.Tensor, torch.Tensor]  # (B, H, S, hd) each
+
+
+class SelfAttention(nn.Module):
+    """Pre-norm multi-head self-attention; `mask` (T, T): bool (True = may attend) or additive float."""
+
+    def __init__(self, n_emb: int, n_head: int, dropout: float = 0.0):
+        super().__init__()
+        assert n_emb % n_head == 0, f"n_emb {n_emb} must be divisible by n_head {n_head}"
+        self.n_head = n_head
+        self.dropout = dropout
+        self.norm = nn.LayerNorm(n_emb)
+        self.qkv = nn.Linear(n_emb, 3 * n_emb)
+        self.proj = nn.Linear(n_emb, n_emb)
+        self.resid_drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(self.norm(x)).split(C, dim=2)
+        q, k, v = (z.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for z in (q, k, v))  # (B, H, T, hd)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.resid_drop(self.proj(y))
+
+
+class CrossAttention(nn.Module):
+    """Pre-norm cross-attention from x to memory tokens; `mask` (T, S) like SelfAttention's.
+
+    `memory` is the raw memory (B, S, C) or a list of (k, v) parts from `kv(...)`, concatenated
+    along the token axis here (a part with batch 1 is broadcast). Keys and values are projections
+    of the memory alone (it is not normed here), so memory tokens that do not change across
+    denoising steps can be projected once per chunk.
+    """
+
+    def __init__(self, n_emb: int, n_head: int, dropout: float = 0.0):
+        super().__init__()
+        assert n_emb % n_head == 0, f"n_emb {n_emb} must be divisible by n_head {n_head}"
+        self.n_head = n_head
+        self.dropout = dropout
+        self.norm = nn.LayerNorm(n_emb)
+        self.q = nn.Linear(n_emb, n_emb)
+        self.kv_proj = nn.Linear(n_emb, 2 * n_emb)
+        self.proj = nn.Linear(n_emb, n_emb)
+        self.resid_drop = nn.Dropout(dropout)
+
+    def kv(self, memory: torch.Tensor) -> KV:
+        """(B, S, C) -> keys and values (B, H, S, hd)."""
+        B, S, C = memory.shape
+        k, v = self.kv_proj(memory).split(C, dim=2)
+        return k.view(B, S, self.n_head, C // self.n_head).transpose(1, 2), \
+            v.view(B, S, self.n_head, C // self.n_head).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor | list[KV], mask: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        B, T, C = x.shape
+        if isinstance(memory, torch.Tensor):
+            k, v = self.kv(memory)
+        else:
+            k = torch.cat([k.expand(B, -1, -1, -1) for k, _ in memory], dim=2)
+            v = torch.cat([v.expand(B, -1, -1, -1) for _, v in memory], dim=2)
+        q = self.q(self.norm(x)).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, hd)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.resid_drop(self.proj(y))
+
+
+class FeedForward(nn.Module):
+    """Pre-norm MLP, GELU, hidden width 4x."""
+
+    def __init__(self, n_emb: int, dropout: float = 0.0):
+        super().__init__()
+        self.norm = nn.LayerNorm(n_emb)
+        self.fc = nn.Linear(n_emb, 4 * n_emb)
+        self.act = nn.GELU()
+        self.drop = nn.Dropout(dropout)
+        self.proj = nn.Linear(4 * n_emb, n_emb)
+        self.resid_drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.resid_drop(self.proj(self.drop(self.act(self.fc(self.norm(x))))))

@@ -1,0 +1,286 @@
+"""A diffusion policy around a denoiser: normalise -> observation history -> condition -> sample ->
+unnormalise -> action queue (LeRobot-style, with Diffusion Policy's timing).
+
+    policy = pa.load_policy("checkpoints/lift_dp_t")
+    policy.reset()                          # new episode
+    action = policy.select_action(obs)      # (obs_dim,) -> (Da,), or (B, obs_dim) -> (B, Da)
+    chunk = policy.predict_action_chunk(obs)  # (B, n_action_steps, Da), always recomputes
+
+The history holds the last n_obs_steps observations (right after reset() the first one fills it by
+repetition). A predicted chunk spans `horizon` steps starting at the oldest observation in the
+history; the n_action_steps executed ones start at index n_obs_steps - 1 (the current step).
+
+For the cache engine: `model` (the denoiser), `sampler` (its SamplerConfig), `checkpoint_hash`,
+`precompute_condition` (per-chunk condition K/V, exact) and `sampling_hooks`: objects with
+begin_chunk(batch_size, timesteps), begin_step(step_index, t) and reset(), called with Python values.
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import safetensors.torch
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from policy_accel.models.dp_transformer import DPTransformer, DPTransformerConfig
+from policy_accel.normalizer import MinMaxNormalizer
+from policy_accel.sampling import SamplerConfig, build_sampler, ddpm_scheduler, sample
+
+CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+MODEL_TYPES = {"dp_t": (DPTransformer, DPTransformerConfig)}
+
+
+@dataclass
+class PolicyConfig:
+    obs_dim: int
+    action_dim: int
+    horizon: int = 16
+    n_obs_steps: int = 2
+    n_action_steps: int = 8
+    model_type: str = "dp_t"
+    model: dict = field(default_factory=dict)  # denoiser architecture (e.g. n_layer, n_emb, p_drop_attn)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)  # the native sampler
+    info: dict = field(default_factory=dict)  # free-form: env, obs_layout, dataset, training steps...
+
+    def __post_init__(self):
+        if isinstance(self.sampler, dict):
+            self.sampler = SamplerConfig(**self.sampler)
+        for name in ("obs_dim", "action_dim", "horizon", "n_obs_steps", "n_action_steps"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"PolicyConfig.{name} must be a positive int, got {getattr(self, name)!r}")
+        if self.n_obs_steps - 1 + self.n_action_steps > self.horizon:
+            raise ValueError(f"n_obs_steps - 1 + n_action_steps = {self.n_obs_steps - 1 + self.n_action_steps} "
+                             f"exceeds horizon {self.horizon}")
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(f"unknown model_type {self.model_type!r}; known: {', '.join(MODEL_TYPES)}")
+        self.model_config()  # validates the architecture fields
+
+    def model_config(self):
+        _, config_cls = MODEL_TYPES[self.model_type]
+        fixed = dict(input_dim=self.action_dim, output_dim=self.action_dim, horizon=self.horizon,
+                     n_obs_steps=self.n_obs_steps, cond_dim=self.obs_dim)
+        clash = set(fixed) & set(self.model)
+        if clash:
+            raise ValueError(f"PolicyConfig.model must not set {sorted(clash)}: they follow the policy's fields")
+        try:
+            return config_cls(**fixed, **self.model)
+        except TypeError as e:
+            raise ValueError(f"bad PolicyConfig.model for {self.model_type}: {e}") from None
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "sampler": self.sampler.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PolicyConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown policy config keys {sorted(unknown)}")
+        return cls(**d)
+
+
+class Policy(nn.Module):
+    def __init__(self, config: PolicyConfig, seed: int = 0, precompute_condition: bool = False):
+        super().__init__()
+        self.config = config
+        model_cls, _ = MODEL_TYPES[config.model_type]
+        self.model = model_cls(config.model_config())
+        self.obs_normalizer = MinMaxNormalizer(config.obs_dim)
+        self.action_normalizer = MinMaxNormalizer(config.action_dim)
+        self.noise_scheduler = ddpm_scheduler(config.sampler.num_train_steps)  # training noise (add_noise)
+        # per-chunk condition K/V (exact, fewer FLOPs); off = the plain reference computation
+        self.precompute_condition = precompute_condition
+        self.sampling_hooks: list = []
+        self.acceleration = None  # set by pa.accelerate
+        self.set_sampler(config.sampler)
+        self.seed(seed)
+        self._history: deque[np.ndarray] = deque(maxlen=config.n_obs_steps)
+        self._actions: deque[np.ndarray] = deque()
+        self.eval()
+
+    # ---------------------------------------------------------------- configuration
+    def set_sampler(self, sampler: SamplerConfig) -> None:
+        """Switch the sampler (e.g. DDPM-100 -> DDIM-10) of an epsilon model, at eval time."""
+        if not isinstance(sampler, SamplerConfig):
+            raise TypeError(f"set_sampler takes a SamplerConfig, got {type(sampler).__name__}")
+        native = self.config.sampler
+        if sampler.prediction != native.prediction:
+            raise ValueError(f"sampler {sampler.kind!r} needs a {sampler.prediction} model; this policy predicts "
+                             f"{native.prediction} (native sampler {native.kind!r})")
+        if sampler.num_train_steps != native.num_train_steps:
+            raise ValueError(f"sampler num_train_steps={sampler.num_train_steps} but the model was trained with "
+                             f"{native.num_train_steps}")
+        self.sampler = sampler
+        self._sampler = build_sampler(sampler)
+
+    def seed(self, seed: int) -> None:
+        """Reseed the noise generator (on the policy's device): same seed -> same actions."""
+        self._seed = int(seed)
+        self.generator = torch.Generator(device=self.device).manual_seed(self._seed)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def fit_normalizers(self, obs: np.ndarray, action: np.ndarray) -> None:
+        self.obs_normalizer.fit(obs)
+        self.action_normalizer.fit(action)
+
+    # ---------------------------------------------------------------- acting
+    def reset(self) -> None:
+        """New episode: clears the observation history, the action queue and every hook's state."""
+        self._history.clear()
+        self._actions.clear()
+        for hook in self.sampling_hooks:
+            hook.reset()
+
+    def select_action(self, obs) -> np.ndarray:
+        """One env observation (obs_dim,) -> one action (Da,); a batch (B, obs_dim) -> (B, Da)."""
+        batch, single = self._check_obs(obs)
+        self._push(batch)
+        if not self._actions:
+            chunk = self._predict(np.stack(self._history, axis=1))  # (B, Ta, Da)
+            self._actions.extend(chunk.transpose(1, 0, 2))
+        action = self._actions.popleft()
+        return action[0] if single else action
+
+    def predict_action_chunk(self, obs) -> np.ndarray:
+        """The next n_action_steps actions (B, Ta, Da), always recomputed. `obs` (obs_dim,) or
+        (B, obs_dim) is appended to the history as in select_action; (B, n_obs_steps, obs_dim) is
+        used as the whole history and leaves the stored one alone. The action queue is untouched."""
+        arr = _as_array(obs)
+        if arr.ndim == 3:
+            history = self._check_obs(arr, history=True)[0]
+        else:
+            self._push(self._check_obs(arr)[0])
+            history = np.stack(self._history, axis=1)
+        return self._predict(history)
+
+    def _check_obs(self, obs, history: bool = False) -> tuple[np.ndarray, bool]:
+        arr = _as_array(obs)
+        D, To = self.config.obs_dim, self.config.n_obs_steps
+        if arr.dtype.kind not in "fiu":
+            raise ValueError(f"obs must hold real numbers, got dtype {arr.dtype}")
+        if history:
+            if arr.shape[1:] != (To, D) or len(arr) == 0:
+                raise ValueError(f"obs history must have shape (B, {To}, {D}), got {arr.shape}")
+        elif not ((arr.ndim == 1 and arr.shape == (D,)) or (arr.ndim == 2 and arr.shape[1] == D and len(arr))):
+            raise ValueError(f"obs must have shape ({D},) or (B, {D}), got {arr.shape}")
+        finite = np.isfinite(arr)
+        if not finite.all():
+            bad = np.argwhere(~finite)[0].tolist()
+            raise ValueError(f"obs contains NaN or inf (first at index {bad})")
+        return np.array(np.atleast_2d(arr), dtype=np.float32), arr.ndim == 1  # a copy: envs may reuse buffers
+
+    def _push(self, batch: np.ndarray) -> None:
+        if self._history and len(self._history[-1]) != len(batch):
+            raise ValueError(f"batch size changed from {len(self._history[-1])} to {len(batch)} within an episode; "
+                             "call reset() first")
+        if not self._history:
+            self._history.extend([batch] * self.config.n_obs_steps)
+        else:
+            self._history.append(batch)
+
+    @torch.inference_mode()
+    def _predict(self, history: np.ndarray) -> np.ndarray:
+        """history (B, To, obs_dim) raw -> executable actions (B, Ta, Da) raw."""
+        cfg, device = self.config, self.device
+        if self.generator.device != device:  # the policy was moved since seed()
+            self.seed(self._seed)
+        cond = self.obs_normalizer.normalize(torch.from_numpy(history).to(device))
+        B = cond.shape[0]
+        timesteps = self._sampler.timesteps
+        hooks = self.sampling_hooks
+        for hook in hooks:
+            hook.begin_chunk(B, list(timesteps))
+        if self.precompute_condition:
+            cond = self.model.encode_condition(cond, timesteps)
+        noise = torch.randn((B, cfg.horizon, cfg.action_dim), generator=self.generator, device=device)
+
+        def denoise(x, t, k):
+            for hook in hooks:
+                hook.begin_step(k, t)
+            return self.model(x, t, cond)
+
+        x = sample(denoise, noise, self._sampler, self.generator)
+        start = cfg.n_obs_steps - 1
+        actions = self.action_normalizer.unnormalize(x[:, start:start + cfg.n_action_steps])
+        return actions.cpu().numpy()
+
+    # ---------------------------------------------------------------- training
+    def compute_loss(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """Diffusion loss on raw data: obs (B, >= To, obs_dim), action (B, horizon, Da)."""
+        cond = self.obs_normalizer.normalize(obs[:, :self.config.n_obs_steps])
+        x0 = self.action_normalizer.normalize(action)
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, self.config.sampler.num_train_steps, (x0.shape[0],), device=x0.device)
+        noisy = self.noise_scheduler.add_noise(x0, noise, t)
+        return F.mse_loss(self.model(noisy, t, cond), noise)
+
+    # ---------------------------------------------------------------- checkpoints
+    def _weights_bytes(self) -> bytes:
+        return safetensors.torch.save({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()})
+
+    @property
+    def checkpoint_hash(self) -> str:
+        """sha256 of the model.safetensors this policy saves to (= of the file it was loaded from)."""
+        return hashlib.sha256(self._weights_bytes()).hexdigest()
+
+    def save(self, path) -> Path:
+        """Write <path>/config.json and <path>/model.safetensors (weights + normalisers)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        _atomic_write(path / WEIGHTS_FILE, self._weights_bytes())
+        _atomic_write(path / CONFIG_FILE, json.dumps(self.config.to_dict(), indent=2).encode())
+        return path
+
+
+def _as_array(obs) -> np.ndarray:
+    if isinstance(obs, torch.Tensor):
+        obs = obs.detach().cpu().numpy()
+    try:
+        return np.asarray(obs)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"obs is not an array: {e}") from None
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def load_policy(path, device: str | torch.device | None = None, **kwargs) -> Policy:
+    """Load <path>/{config.json, model.safetensors}; kwargs go to Policy (seed, precompute_condition)."""
+    path = Path(path)
+    config_file, weights_file = path / CONFIG_FILE, path / WEIGHTS_FILE
+    for f in (config_file, weights_file):
+        if not f.is_file():
+            raise FileNotFoundError(f"checkpoint file missing: {f}")
+    try:
+        config = PolicyConfig.from_dict(json.loads(config_file.read_text()))
+    except (json.JSONDecodeError, TypeError, ValueError) as e:
+        raise ValueError(f"{config_file}: not a valid policy config: {e}") from None
+    data = weights_file.read_bytes()
+    try:
+        state = safetensors.torch.load(data)
+    except Exception as e:  # safetensors raises its own error type for truncated/corrupt files
+        raise ValueError(f"{weights_file} is truncated or not a safetensors file: {e}") from None
+    policy = Policy(config, **kwargs)
+    try:
+        policy.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        detail = " ".join(str(e).split("\n")[1:4]).strip()
+        raise ValueError(f"{weights_file} does not match {config_file}: {detail}") from None
+    if device is not None:
+        policy.to(device)
+        policy.seed(policy._seed)
+    return policy

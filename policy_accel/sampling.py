@@ -1,0 +1,145 @@
+"""Denoising loops: DDPM and DDIM (epsilon prediction, diffusers' schedules) and flow-matching Euler.
+
+    x0 = sample(denoise_fn, noise, SamplerConfig("ddim", 10), generator)
+    # denoise_fn(x, t, step_index) -> epsilon (ddpm/ddim) or velocity (flow)
+
+DDPM and DDIM take their schedules from diffusers' `DDPMScheduler` / `DDIMScheduler` configured as
+in Diffusion Policy (100 train steps, squaredcos_cap_v2, fixed_small variance, clipped x0, epsilon
+prediction; DDIM with set_alpha_to_one, eta 0), so one trained model serves both. Their per-step
+update is precomputed here as Python floats: the same arithmetic as `scheduler.step` (the tests
+compare them) without its per-step index search and small-tensor bookkeeping, which cost as much as
+a cached denoiser step. Flow: x_t = t * noise + (1 - t) * x0, velocity v = noise - x0, Euler from
+t = 1 to 0 in `num_steps` equal steps.
+
+The loop hands the step index and t to the denoiser as Python numbers and never syncs the device.
+"""
+
+import functools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+
+KINDS = ("ddpm", "ddim", "flow")
+BETA_SCHEDULE = "squaredcos_cap_v2"
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    kind: str = "ddpm"  # "ddpm" | "ddim" (epsilon models) | "flow" (velocity models)
+    num_steps: int = 100
+    num_train_steps: int = 100  # diffusion steps the model was trained with (ddpm/ddim)
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown sampler kind {self.kind!r}; expected one of {KINDS}")
+        if not isinstance(self.num_steps, int) or self.num_steps < 1:
+            raise ValueError(f"num_steps must be a positive int, got {self.num_steps!r}")
+        if self.kind != "flow" and self.num_steps > self.num_train_steps:
+            raise ValueError(f"{self.kind} with num_steps={self.num_steps} > num_train_steps={self.num_train_steps}: "
+                             "a diffusion model can only be sampled on the steps it was trained with")
+
+    @property
+    def prediction(self) -> str:
+        """What the denoiser must predict: "epsilon" or "velocity"."""
+        return "velocity" if self.kind == "flow" else "epsilon"
+
+    def timesteps(self) -> list[float]:
+        """The t passed to the denoiser at each step, in order (train-step index for ddpm/ddim, 1 -> 0 for flow)."""
+        return list(build_sampler(self).timesteps)
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "num_steps": self.num_steps, "num_train_steps": self.num_train_steps}
+
+
+def ddpm_scheduler(num_train_steps: int = 100) -> DDPMScheduler:
+    """The training noise schedule of Diffusion Policy (also used for `add_noise` during training)."""
+    return DDPMScheduler(num_train_timesteps=num_train_steps, beta_schedule=BETA_SCHEDULE, variance_type="fixed_small",
+                         clip_sample=True, prediction_type="epsilon")
+
+
+def ddim_scheduler(num_train_steps: int = 100) -> DDIMScheduler:
+    return DDIMScheduler(num_train_timesteps=num_train_steps, beta_schedule=BETA_SCHEDULE, clip_sample=True,
+                         set_alpha_to_one=True, steps_offset=0, prediction_type="epsilon")
+
+
+@dataclass(frozen=True)
+class _Step:
+    t: float
+    x0_from_x: float  # x0 = x0_from_x * x - x0_from_eps * eps   (then clipped to [-1, 1])
+    x0_from_eps: float
+    prev_from_x0: float  # x_prev = prev_from_x0 * x0 + prev_from_x * x + prev_from_eps * eps + std * noise
+    prev_from_x: float
+    prev_from_eps: float
+    std: float
+
+
+class Sampler:
+    """Per-step update coefficients of one SamplerConfig (build with `build_sampler`, which caches)."""
+
+    def __init__(self, config: SamplerConfig):
+        self.config = config
+        K = config.num_steps
+        if config.kind == "flow":
+            self.timesteps = tuple(1.0 - k / K for k in range(K))
+            self.steps = ()
+            return
+        sched = ddpm_scheduler(config.num_train_steps) if config.kind == "ddpm" else ddim_scheduler(
+            config.num_train_steps)
+        sched.set_timesteps(K)
+        ts = [int(t) for t in sched.timesteps]
+        alphas = sched.alphas_cumprod.double()
+        steps = []
+        for i, t in enumerate(ts):
+            a_t = float(alphas[t])
+            x0 = dict(x0_from_x=1 / math.sqrt(a_t), x0_from_eps=math.sqrt((1 - a_t) / a_t))
+            if config.kind == "ddpm":  # posterior mean and fixed_small variance (DDPM eq. 6-7)
+                prev = ts[i + 1] if i + 1 < K else -1
+                a_prev = float(alphas[prev]) if prev >= 0 else 1.0
+                beta = 1 - a_t / a_prev
+                var = max((1 - a_prev) / (1 - a_t) * beta, 1e-20) if t > 0 else 0.0
+                steps.append(_Step(float(t), **x0, prev_from_x0=math.sqrt(a_prev) * beta / (1 - a_t),
+                                   prev_from_x=math.sqrt(a_t / a_prev) * (1 - a_prev) / (1 - a_t),
+                                   prev_from_eps=0.0, std=math.sqrt(var)))
+            else:  # DDIM, eta = 0
+                prev = t - config.num_train_steps // K
+                a_prev = float(alphas[prev]) if prev >= 0 else float(sched.final_alpha_cumprod)
+                steps.append(_Step(float(t), **x0, prev_from_x0=math.sqrt(a_prev), prev_from_x=0.0,
+                                   prev_from_eps=math.sqrt(1 - a_prev), std=0.0))
+        self.timesteps = tuple(s.t for s in steps)
+        self.steps = tuple(steps)
+
+    def step(self, k: int, model_output: torch.Tensor, x: torch.Tensor,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        """x at step k -> x at step k + 1, from the denoiser's output at step k."""
+        if self.config.kind == "flow":
+            t_next = self.timesteps[k + 1] if k + 1 < len(self.timesteps) else 0.0
+            return x + (t_next - self.timesteps[k]) * model_output
+        s = self.steps[k]
+        x0 = (s.x0_from_x * x - s.x0_from_eps * model_output).clamp_(-1.0, 1.0)
+        out = s.prev_from_x0 * x0
+        if s.prev_from_x:
+            out = out + s.prev_from_x * x
+        if s.prev_from_eps:
+            out = out + s.prev_from_eps * model_output
+        if s.std:
+            out = out + s.std * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return out
+
+
+@functools.lru_cache(maxsize=64)
+def build_sampler(config: SamplerConfig) -> Sampler:
+    return Sampler(config)
+
+
+def sample(denoise_fn: Callable[[torch.Tensor, float, int], torch.Tensor], noise: torch.Tensor,
+           sampler: SamplerConfig | Sampler, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Run the denoising loop from `noise`; returns x0. `denoise_fn(x, t, step_index)`."""
+    if isinstance(sampler, SamplerConfig):
+        sampler = build_sampler(sampler)
+    x = noise
+    for k, t in enumerate(sampler.timesteps):
+        x = sampler.step(k, denoise_fn(x, t, k), x, generator)
+    return x

@@ -1,0 +1,261 @@
+"""Train a DP-T policy on a zarr demo dataset (Diffusion Policy's recipe).
+
+    python -m policy_accel.train env=lift [steps=10000 batch_size=128 model.n_layer=8 ...]
+
+AdamW (lr 1e-4, betas 0.9/0.95, weight decay 1e-3 on Linear weights), cosine schedule with warm-up,
+EMA of the weights (power 0.75). Everything goes to `out_dir`:
+    last.pt            full training state (policy, EMA, optimiser, LR schedule, step, RNG); rerunning
+                       the same command resumes from it, bit-exactly
+    log.jsonl          one line per `log_every` steps: step, loss, lr, sec_per_step
+    checkpoint/        shippable policy (config.json + model.safetensors, EMA weights), every save
+At the end the checkpoint is also written to `export_dir` (e.g. checkpoints/lift_dp_t).
+
+Options are `key=value` overrides of configs/train.yaml (OmegaConf dotlist syntax). Not a hydra
+main: `env=...` would select from the configs/env/ group, and policy_accel does not import hydra.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from policy_accel.data import ReplayBuffer, SequenceDataset
+from policy_accel.policy import Policy, PolicyConfig
+from policy_accel.sampling import SamplerConfig
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+STATE_FILE, LOG_FILE, CHECKPOINT_DIR = "last.pt", "log.jsonl", "checkpoint"
+
+
+@dataclass
+class ModelConfig:
+    n_layer: int = 8
+    n_head: int = 4
+    n_emb: int = 256
+    p_drop_emb: float = 0.0
+    p_drop_attn: float = 0.3
+    causal_attn: bool = True
+    n_cond_layers: int = 0
+
+
+@dataclass
+class TrainConfig:
+    env: str = "lift"
+    dataset: str = "data/${env}.zarr"
+    out_dir: str = "runs/${env}_dp_t"
+    export_dir: str | None = "checkpoints/${env}_dp_t"  # null: only <out_dir>/checkpoint
+    steps: int = 10000
+    batch_size: int = 128
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    weight_decay: float = 1e-3
+    lr_scheduler: str = "cosine"
+    warmup_steps: int = 500
+    ema_power: float = 0.75
+    ema_max_decay: float = 0.9999
+    save_every: int = 1000
+    log_every: int = 50
+    num_threads: int = 2
+    seed: int = 0
+    device: str = "auto"  # auto = cuda if available
+    progress: bool = True
+    horizon: int = 16
+    n_obs_steps: int = 2
+    n_action_steps: int = 8
+    sampler: str = "ddpm"  # the native sampler written into the checkpoint
+    sampler_steps: int = 100
+    num_train_steps: int = 100
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+    def __post_init__(self):
+        if isinstance(self.model, dict):
+            self.model = ModelConfig(**self.model)
+        for name in ("steps", "batch_size", "save_every", "log_every", "num_threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+
+    def policy_config(self, obs_dim: int, action_dim: int, info: dict) -> PolicyConfig:
+        return PolicyConfig(obs_dim=obs_dim, action_dim=action_dim, horizon=self.horizon,
+                            n_obs_steps=self.n_obs_steps, n_action_steps=self.n_action_steps,
+                            model=dataclasses.asdict(self.model),
+                            sampler=SamplerConfig(self.sampler, self.sampler_steps, self.num_train_steps), info=info)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def batch_indices(step: int, n: int, batch_size: int, seed: int) -> torch.Tensor:
+    """Window indices of training step `step`: epochs of seeded permutations, a function of
+    (seed, step) only, so a resumed run sees exactly the batches an uninterrupted one would."""
+    per_epoch = max(1, n // batch_size)
+    epoch, i = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return perm[i * batch_size:(i + 1) * batch_size]
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _ema(policy: Policy, cfg: TrainConfig):
+    from diffusers.training_utils import EMAModel
+
+    return EMAModel(policy.model.parameters(), decay=cfg.ema_max_decay, min_decay=0.0, use_ema_warmup=True,
+                    inv_gamma=1.0, power=cfg.ema_power, foreach=True)
+
+
+def export_checkpoint(policy: Policy, ema, dest, info: dict) -> Path:
+    """Write the shippable checkpoint (EMA weights) without disturbing the training weights."""
+    params = list(policy.model.parameters())
+    ema.store(params)
+    ema.copy_to(params)
+    config = policy.config
+    policy.config = dataclasses.replace(config, info={**config.info, **info})
+    try:
+        return policy.save(dest)
+    finally:
+        policy.config = config
+        ema.restore(params)
+
+
+def _arch(policy_config: dict) -> dict:
+    return {k: v for k, v in policy_config.items() if k != "info"}
+
+
+def _trim_log(path: Path, step: int) -> None:
+    """Drop log lines written after the state we resume from (the run died between log and save)."""
+    if path.exists():
+        lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+        path.write_text("".join(ln + "\n" for ln in lines))
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Train (or resume) according to `cfg`; returns the shippable checkpoint directory."""
+    torch.set_num_threads(cfg.num_threads)
+    device = _device(cfg.device)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    buffer = ReplayBuffer.load(cfg.dataset)
+    if buffer.attrs.get("env") not in (None, cfg.env):
+        raise ValueError(f"dataset {cfg.dataset} was collected on env {buffer.attrs['env']!r}, not {cfg.env!r}")
+    dataset = SequenceDataset(buffer, cfg.horizon, cfg.n_obs_steps, cfg.n_action_steps)
+
+    state_path = out / STATE_FILE
+    state = torch.load(state_path, map_location="cpu", weights_only=False) if state_path.exists() else None
+    info = {"env": cfg.env, "obs_layout": buffer.attrs.get("obs_layout"), "dataset": str(cfg.dataset),
+            "n_episodes": buffer.n_episodes, "n_windows": len(dataset)}
+    policy_config = cfg.policy_config(buffer.obs.shape[1], buffer.action.shape[1], info)
+    if state is not None and _arch(state["policy_config"]) != _arch(policy_config.to_dict()):
+        raise ValueError(f"{state_path} was written for a different policy/dataset config; "
+                         f"use another out_dir or delete it\n saved: {state['policy_config']}\n now: "
+                         f"{policy_config.to_dict()}")
+    torch.manual_seed(cfg.seed)  # weight init; a resumed run restores its RNG state below
+    policy = Policy(policy_config)
+    policy.fit_normalizers(buffer.obs, buffer.action)
+    policy.to(device).train()
+    optimizer = torch.optim.AdamW(policy.model.optim_groups(cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas))
+    from diffusers.optimization import get_scheduler
+
+    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
+                                 num_training_steps=cfg.steps)
+    ema = _ema(policy, cfg)
+    step = 0
+    if state is not None:
+        policy.load_state_dict(state["policy"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        lr_scheduler.load_state_dict(state["lr_scheduler"])
+        step = state["step"]
+        torch.set_rng_state(state["rng"])
+        if "cuda_rng" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        _trim_log(out / LOG_FILE, step)
+
+    def save():
+        rng = {"rng": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda_rng"] = torch.cuda.get_rng_state_all()
+        _atomic_save({"step": step, "policy": policy.state_dict(), "ema": ema.state_dict(),
+                      "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
+                      "policy_config": policy_config.to_dict(), "train_config": dataclasses.asdict(cfg), **rng},
+                     state_path)
+        return export_checkpoint(policy, ema, out / CHECKPOINT_DIR, {"train_steps": step})
+
+    bar = tqdm(total=cfg.steps, initial=step, disable=not cfg.progress, desc=f"train {cfg.env}", unit="step")
+    running, count, t0 = torch.zeros((), device=device), 0, time.perf_counter()
+    with open(out / LOG_FILE, "a") as log:
+        while step < cfg.steps:
+            obs, action = dataset.batch(batch_indices(step, len(dataset), cfg.batch_size, cfg.seed))
+            loss = policy.compute_loss(obs.to(device), action.to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            lr_scheduler.step()
+            ema.step(policy.model.parameters())
+            step += 1
+            running += loss.detach()
+            count += 1
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                mean = running.item() / count
+                if not math.isfinite(mean):
+                    raise FloatingPointError(f"training loss is {mean} at step {step}")
+                rec = {"step": step, "loss": mean, "lr": lr_scheduler.get_last_lr()[0],
+                       "sec_per_step": (time.perf_counter() - t0) / count}
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+                bar.set_postfix(loss=f"{mean:.4f}")
+                running.zero_()
+                count, t0 = 0, time.perf_counter()
+            if step % cfg.save_every == 0 or step == cfg.steps:
+                save()
+    bar.close()
+    if not (out / CHECKPOINT_DIR / "model.safetensors").exists():  # resumed a finished run
+        save()
+    result = out / CHECKPOINT_DIR
+    if cfg.export_dir:
+        result = export_checkpoint(policy, ema, cfg.export_dir, {"train_steps": step})
+    return result
+
+
+def load_config(argv: list[str]) -> TrainConfig:
+    """TrainConfig defaults <- configs/train.yaml <- `key=value` args; unknown keys raise."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    bad = [a for a in argv if "=" not in a]
+    if bad:
+        raise SystemExit(f"arguments must be key=value, got {bad}")
+    try:
+        cfg = OmegaConf.structured(TrainConfig)
+        if (CONFIG_DIR / "train.yaml").exists():
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(CONFIG_DIR / "train.yaml"))
+        return OmegaConf.to_object(OmegaConf.merge(cfg, OmegaConf.from_dotlist(argv)))
+    except OmegaConfBaseException as e:
+        keys = ", ".join(f.name for f in dataclasses.fields(TrainConfig))
+        raise SystemExit(f"bad option: {str(e).splitlines()[0]}; keys: {keys}") from None
+    except ValueError as e:
+        raise SystemExit(f"bad option: {e}") from None
+
+
+def main(argv: list[str] | None = None) -> None:
+    path = train(load_config(sys.argv[1:] if argv is None else argv))
+    print(f"checkpoint: {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,240 @@
+"""Policy: history and action queue, hooks, determinism, save/load, input validation, engine contract."""
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import policy_accel as pa
+from policy_accel.sampling import ddpm_scheduler
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy 2-core machine OpenMP barriers make them crawl."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+OBS_DIM, ACT_DIM, H, TO, TA = 6, 2, 8, 2, 4
+
+
+def make_policy(seed=0, **kw) -> pa.Policy:
+    torch.manual_seed(0)
+    cfg = pa.PolicyConfig(obs_dim=OBS_DIM, action_dim=ACT_DIM, horizon=H, n_obs_steps=TO, n_action_steps=TA,
+                          model=dict(n_layer=2, n_head=4, n_emb=32), sampler=pa.SamplerConfig("ddim", 5))
+    policy = pa.Policy(cfg, seed=seed, **kw)
+    rng = np.random.default_rng(0)
+    policy.fit_normalizers(rng.uniform(-2, 2, (100, OBS_DIM)), rng.uniform(-0.5, 3, (100, ACT_DIM)))
+    return policy
+
+
+@pytest.fixture
+def policy():
+    return make_policy()
+
+
+OBS = np.linspace(-1, 1, 3 * OBS_DIM, dtype=np.float32).reshape(3, OBS_DIM)
+
+
+class Recorder:
+    def __init__(self):
+        self.events = []
+
+    def begin_chunk(self, batch_size, timesteps):
+        self.events.append(("chunk", batch_size, timesteps))
+
+    def begin_step(self, step_index, t):
+        self.events.append(("step", step_index, t))
+
+    def reset(self):
+        self.events.append(("reset",))
+
+
+def test_select_action_shapes_and_action_queue(policy):
+    rec = Recorder()
+    policy.sampling_hooks.append(rec)
+    policy.reset()
+    single = [policy.select_action(OBS[0]) for _ in range(TA + 1)]
+    assert all(a.shape == (ACT_DIM,) and a.dtype == np.float32 for a in single)
+    assert [e[0] for e in rec.events].count("chunk") == 2  # a new chunk once the queue of TA ran dry
+    policy.reset()
+    batch = policy.select_action(OBS)
+    assert batch.shape == (3, ACT_DIM)
+    with pytest.raises(ValueError, match="batch size changed"):
+        policy.select_action(OBS[:2])
+    assert policy.predict_action_chunk(OBS).shape == (3, TA, ACT_DIM)
+
+
+def test_hooks_get_chunk_steps_and_reset_with_python_values(policy):
+    rec = Recorder()
+    policy.sampling_hooks.append(rec)
+    policy.predict_action_chunk(OBS[:2])
+    ts = pa.SamplerConfig("ddim", 5).timesteps()
+    assert rec.events == [("chunk", 2, ts)] + [("step", k, t) for k, t in enumerate(ts)]
+    assert all(type(e[1]) is int and type(e[2]) is float for e in rec.events[1:])
+    policy.set_sampler(pa.SamplerConfig("ddpm", 100))
+    policy.reset()
+    rec.events.clear()
+    policy.predict_action_chunk(OBS[:1])
+    assert rec.events[0] == ("chunk", 1, [float(t) for t in range(99, -1, -1)]) and len(rec.events) == 101
+    policy.reset()
+    assert rec.events[-1] == ("reset",)
+
+
+def test_first_observation_fills_history_and_explicit_history_leaves_it_alone(policy):
+    policy.seed(5)
+    repeated = policy.predict_action_chunk(np.stack([OBS, OBS], axis=1))
+    policy.seed(5)
+    policy.reset()
+    assert np.array_equal(policy.predict_action_chunk(OBS), repeated)
+    policy.seed(5)
+    two_step = policy.predict_action_chunk(OBS[::-1].copy())  # history is now [OBS, OBS[::-1]]
+    policy.seed(5)
+    assert np.array_equal(two_step, policy.predict_action_chunk(np.stack([OBS, OBS[::-1]], axis=1)))
+    # the explicit history did not touch the stored one: [OBS, OBS[::-1]] -> [OBS[::-1], OBS[::-1]]
+    policy.seed(5)
+    newest_twice = policy.predict_action_chunk(OBS[::-1].copy())
+    policy.seed(5)
+    assert np.array_equal(newest_twice, policy.predict_action_chunk(np.stack([OBS[::-1]] * 2, axis=1)))
+
+
+class EpsOracle(nn.Module):
+    """Predicts the exact noise for a known normalised trajectory x0 (B, H, Da)."""
+
+    def __init__(self, x0):
+        super().__init__()
+        self.x0 = nn.Parameter(x0, requires_grad=False)
+        self.alphas = ddpm_scheduler().alphas_cumprod
+
+    def forward(self, x, t, cond):
+        a = float(self.alphas[int(t)])
+        return (x - math.sqrt(a) * self.x0) / math.sqrt(1 - a)
+
+
+def test_chunk_is_unnormalised_trajectory_from_index_n_obs_steps_minus_1(policy):
+    x0 = torch.linspace(-0.9, 0.9, H * ACT_DIM).reshape(1, H, ACT_DIM)
+    policy.model = EpsOracle(x0)
+    chunk = policy.predict_action_chunk(OBS[0])
+    expected = policy.action_normalizer.unnormalize(x0[:, TO - 1:TO - 1 + TA]).numpy()
+    np.testing.assert_allclose(chunk, expected, atol=1e-4)
+    policy.reset()
+    actions = [policy.select_action(OBS[0]) for _ in range(TA)]
+    np.testing.assert_allclose(np.stack(actions), expected[0], atol=1e-4)
+
+
+def test_same_seed_same_actions(policy):
+    policy.set_sampler(pa.SamplerConfig("ddpm", 100))  # stochastic at every step
+    runs = []
+    for seed in (1, 1, 2):
+        policy.seed(seed)
+        policy.reset()
+        runs.append(np.stack([policy.select_action(OBS) for _ in range(2 * TA)]))
+    assert np.array_equal(runs[0], runs[1]) and not np.array_equal(runs[0], runs[2])
+    other = make_policy(seed=1)
+    other.set_sampler(pa.SamplerConfig("ddpm", 100))
+    assert np.array_equal(np.stack([other.select_action(OBS) for _ in range(2 * TA)]), runs[0])
+
+
+def test_save_load_round_trip(policy, tmp_path):
+    policy.save(tmp_path / "ck")
+    loaded = pa.load_policy(tmp_path / "ck")
+    assert loaded.checkpoint_hash == policy.checkpoint_hash
+    assert json.loads((tmp_path / "ck" / "config.json").read_text())["model"]["n_emb"] == 32
+    assert loaded.sampler == policy.sampler and not loaded.training
+    for p in (policy, loaded):
+        p.seed(3)
+        p.reset()
+    assert np.array_equal(np.stack([policy.select_action(OBS) for _ in range(6)]),
+                          np.stack([loaded.select_action(OBS) for _ in range(6)]))
+    torch.testing.assert_close(loaded.action_normalizer.scale, policy.action_normalizer.scale, rtol=0, atol=0)
+    policy.model.head.bias.data += 1
+    assert policy.checkpoint_hash != loaded.checkpoint_hash
+
+
+def test_bad_observations_fail_before_the_denoiser(policy):
+    rec = Recorder()
+    policy.sampling_hooks.append(rec)
+    nan = OBS[0].copy()
+    nan[2] = np.nan
+    cases = [(OBS[0, :5], "shape"), (OBS[None], r"shape \(6,\) or \(B, 6\)"), (nan, "NaN or inf"),
+             (np.full(OBS_DIM, np.inf), "NaN or inf"), (np.array(["a"] * OBS_DIM), "real numbers"),
+             (np.zeros((0, OBS_DIM)), "shape")]
+    for obs, match in cases:
+        with pytest.raises(ValueError, match=match):
+            policy.select_action(obs)
+    with pytest.raises(ValueError, match=r"history must have shape \(B, 2, 6\)"):
+        policy.predict_action_chunk(np.zeros((1, 3, OBS_DIM)))
+    assert rec.events == []
+    assert policy.select_action(np.arange(OBS_DIM)).shape == (ACT_DIM,)  # ints are fine
+
+
+def test_bad_checkpoints_raise_errors_naming_the_file(policy, tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        pa.load_policy(tmp_path / "nothing")
+    ck = policy.save(tmp_path / "ck")
+    weights = (ck / "model.safetensors").read_bytes()
+    (ck / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(ValueError, match="model.safetensors is truncated"):
+        pa.load_policy(ck)
+    (ck / "model.safetensors").write_bytes(weights)
+    cfg = json.loads((ck / "config.json").read_text())
+    cfg["model"]["n_emb"] = 64
+    (ck / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="model.safetensors does not match .*config.json"):
+        pa.load_policy(ck)
+    (ck / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json"):
+        pa.load_policy(ck)
+    (ck / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        pa.load_policy(ck)
+
+
+def test_sampler_switch_and_validation(policy):
+    with pytest.raises(ValueError, match="velocity model"):
+        policy.set_sampler(pa.SamplerConfig("flow", 10))
+    with pytest.raises(TypeError):
+        policy.set_sampler("ddim")
+    policy.set_sampler(pa.SamplerConfig("ddim", 3))
+    assert policy.sampler.num_steps == 3 and policy.predict_action_chunk(OBS).shape == (3, TA, ACT_DIM)
+    with pytest.raises(ValueError, match="exceeds horizon"):
+        pa.PolicyConfig(obs_dim=2, action_dim=2, horizon=4, n_obs_steps=2, n_action_steps=4)
+    with pytest.raises(ValueError, match="must not set"):
+        pa.PolicyConfig(obs_dim=2, action_dim=2, model=dict(horizon=4))
+
+
+def test_precomputed_condition_matches_and_engine_contract(policy):
+    policy.seed(0)
+    ref = policy.predict_action_chunk(OBS)
+    policy.precompute_condition = True
+    policy.seed(0)
+    np.testing.assert_allclose(policy.predict_action_chunk(OBS), ref, rtol=1e-5, atol=1e-5)
+    policy.precompute_condition = False
+    pa.accelerate(policy, pa.LosslessConfig())
+    assert policy.precompute_condition
+    policy.seed(0)
+    np.testing.assert_allclose(policy.predict_action_chunk(OBS), ref, rtol=1e-5, atol=1e-5)
+    pa.remove_acceleration(policy)
+    pa.accelerate(policy, pa.UniformConfig(interval=2))
+    policy.predict_action_chunk(OBS)
+    stats = pa.cache_stats(policy)
+    assert len(stats.blocks) == 6 and all((b.computed, b.skipped) == (3, 2) for b in stats.blocks.values())
+    pa.remove_acceleration(policy)
+    assert policy.sampling_hooks == [] and not policy.precompute_condition
+    policy.seed(0)
+    assert np.array_equal(policy.predict_action_chunk(OBS), ref)
+
+
+def test_library_never_imports_hydra_envs_or_eval():
+    code = ("import sys, policy_accel, policy_accel.train, policy_accel.data; "
+            "bad = sorted({m.split('.')[0] for m in sys.modules} & {'hydra', 'envs', 'eval'}); print(bad)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

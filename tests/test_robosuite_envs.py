@@ -1,0 +1,175 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import envs
+
+pytest.importorskip("robosuite")
+pytest.importorskip("robomimic")
+
+from envs.robosuite_tasks import RobosuiteTask  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+# a fixed start + 10 fixed actions, printed as hex: compared across processes
+TRAJ_SCRIPT = """
+import numpy as np, envs
+env = envs.make_env("{name}")
+obs, _ = env.reset(seed={seed})
+traj = [obs]
+for a in np.random.default_rng(0).uniform(-1, 1, (10, 7)):
+    traj.append(env.step(a)[0])
+print(np.stack(traj).tobytes().hex())
+"""
+
+
+def trajectory(env, seed):
+    traj = [env.reset(seed=seed)[0]]
+    for a in np.random.default_rng(0).uniform(-1, 1, (10, 7)):
+        traj.append(env.step(a)[0])
+    return np.stack(traj)
+
+
+@pytest.fixture(scope="module")
+def lift():
+    env = envs.make_env("lift")
+    yield env
+    env.close()
+
+
+def test_obs_layout_shape_dtype(lift):
+    obs, info = lift.reset(seed=0)
+    assert info == {"success": False}
+    assert [k for k, _ in lift.obs_layout] == ["object", "robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos"]
+    assert lift.obs_layout == [("object", 10), ("robot0_eef_pos", 3), ("robot0_eef_quat", 4),
+                               ("robot0_gripper_qpos", 2)]
+    assert obs.dtype == np.float32 and obs.shape == (19,) == lift.observation_space.shape
+    assert lift.observation_space.dtype == np.float32
+    assert lift.action_space.shape == (7,) and lift.action_space.low.min() == -1 and lift.action_space.high.max() == 1
+    assert lift.name == "lift" and lift.instruction == "lift the cube" and lift.horizon == 400
+    # the eef slice of the observation is the simulator's eef position
+    assert np.allclose(obs[10:13], lift.task_state()["eef_pos"], atol=1e-6)
+    obs, reward, terminated, truncated, info = lift.step(np.zeros(7, np.float32))
+    assert obs.dtype == np.float32 and isinstance(reward, float)
+    assert (terminated, truncated, info["success"]) == (False, False, False)
+
+
+@pytest.mark.parametrize("name, obs_dim, horizon", [("can", 23, 400), ("square", 23, 500)])
+def test_other_tasks_layout(name, obs_dim, horizon):
+    env = envs.make_env(name)
+    obs, _ = env.reset(seed=0)
+    assert obs.shape == (obs_dim,) and obs.dtype == np.float32 and env.horizon == horizon
+    assert env.obs_layout[0] == ("object", 14)
+    state = env.task_state()
+    assert state["goal_pos"].shape == (3,) and state["object_mat"].shape == (3, 3)
+    assert ("handle_pos" in state) == (name == "square")
+    env.close()
+
+
+def test_seeded_reset_in_process(lift):
+    global_state = np.random.get_state()[1].copy()
+    t1 = trajectory(lift, 5)
+    trajectory(lift, 6)
+    assert np.array_equal(trajectory(lift, 5), t1)
+    assert not np.array_equal(lift.reset(seed=6)[0], t1[0])
+    # the caller's global numpy RNG is left as it was
+    assert np.array_equal(np.random.get_state()[1], global_state)
+
+
+def test_seeded_reset_across_processes(lift):
+    """Two fresh processes (different hash seeds, different prior history) give the same bytes."""
+    procs = []
+    for hash_seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        procs.append(subprocess.Popen([sys.executable, "-c", TRAJ_SCRIPT.format(name="lift", seed=11)], cwd=REPO,
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+        outs.append(out.strip())
+    trajectory(lift, 3)  # this process has a different history before the seeded reset
+    here = trajectory(lift, 11).tobytes().hex()
+    assert outs[0] == outs[1] == here
+
+
+@pytest.mark.parametrize("bad, err, match", [
+    (np.zeros(6), ValueError, "shape"),
+    (np.zeros((1, 7)), ValueError, "shape"),
+    (np.array([0, 0, np.nan, 0, 0, 0, 0]), ValueError, "NaN"),
+    (np.array([0, 0, np.inf, 0, 0, 0, 0]), ValueError, "NaN or inf"),
+    (np.array(["a"] * 7), TypeError, "numeric"),
+    (None, TypeError, "numeric"),
+])
+def test_bad_actions_raise(lift, bad, err, match):
+    lift.reset(seed=0)
+    with pytest.raises(err, match=match):
+        lift.step(bad)
+
+
+def test_spec_dict_round_trip(lift):
+    spec = json.loads(json.dumps(lift.spec_dict()))
+    assert spec["name"] == "lift" and spec["family"] == "robosuite" and spec["action_dim"] == 7
+    meta = spec["env_meta"]
+    assert meta["env_name"] == "Lift" and meta["env_kwargs"]["control_freq"] == 20
+    assert meta["env_kwargs"]["controller_configs"]["type"] == "OSC_POSE"
+    assert meta["env_kwargs"]["robots"] == ["Panda"]
+    again = RobosuiteTask.from_spec(spec)
+    assert again.spec_dict() == spec
+    with pytest.raises(RuntimeError, match="reset"):
+        again.step(np.zeros(7))
+    assert np.array_equal(trajectory(again, 4), trajectory(lift, 4))
+    with pytest.raises(ValueError, match="not a robosuite"):
+        RobosuiteTask.from_spec({"family": "push2d"})
+    with pytest.raises(ValueError, match="unknown robosuite task"):
+        RobosuiteTask("stack")
+
+
+def run_expert(env, expert, seed, noise=0.0):
+    obs, _ = env.reset(seed=seed)
+    expert.reset(seed=seed)
+    rng = np.random.default_rng(seed)
+    for t in range(env.horizon):
+        action = expert.act(obs)
+        assert action.shape == (7,) and np.all(np.abs(action) <= 1)
+        action = np.clip(action + noise * rng.normal(size=7) * (np.arange(7) < 6), -1, 1)
+        obs, _, _, _, info = env.step(action)
+        if info["success"]:
+            return t + 1
+    return None
+
+
+def test_lift_expert_episode(lift):
+    expert = envs.make_expert("lift", lift)
+    assert expert.name == "robosuite_lift" and isinstance(expert.version, str)
+    steps = run_expert(lift, expert, seed=0)
+    assert steps is not None and steps < 150
+    # the expert is deterministic given its seed, and its seed changes the trajectory
+    lift.reset(seed=0)
+    expert.reset(seed=1)
+    a1 = expert.act(None)
+    lift.reset(seed=0)
+    expert.reset(seed=1)
+    assert np.array_equal(expert.act(None), a1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["lift", "can", "square"])
+@pytest.mark.parametrize("noise", [0.0, 0.1])
+def test_expert_succeeds(name, noise):
+    env = envs.make_env(name)
+    expert = envs.make_expert(name, env)
+    results = [run_expert(env, expert, seed, noise) for seed in range(5)]
+    assert all(r is not None for r in results), results
+
+
+def test_unknown_expert_raises(lift):
+    from envs.robosuite_experts import make_robosuite_expert
+
+    with pytest.raises(ValueError, match="no scripted expert"):
+        make_robosuite_expert("stack", lift)

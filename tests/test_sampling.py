@@ -1,0 +1,107 @@
+"""Samplers: config validation, t values, equality with diffusers' step, oracle recovery of x0."""
+
+import math
+
+import pytest
+import torch
+
+from policy_accel.sampling import SamplerConfig, build_sampler, ddim_scheduler, ddpm_scheduler, sample
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy 2-core machine OpenMP barriers make them crawl."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+ALPHAS = ddpm_scheduler().alphas_cumprod.double()
+
+
+def x0_and_noise(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(4, 8, 3, generator=g) * 1.8 - 0.9, torch.randn(4, 8, 3, generator=g)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="unknown sampler kind"):
+        SamplerConfig("euler", 10)
+    with pytest.raises(ValueError, match="num_train_steps"):
+        SamplerConfig("ddim", 101)
+    with pytest.raises(ValueError, match="positive int"):
+        SamplerConfig("ddpm", 0)
+    assert SamplerConfig("flow", 500).num_steps == 500
+    assert SamplerConfig("ddim", 10).prediction == "epsilon" and SamplerConfig("flow", 10).prediction == "velocity"
+
+
+def test_timesteps_are_python_floats():
+    assert SamplerConfig("ddpm", 100).timesteps() == [float(t) for t in range(99, -1, -1)]
+    assert SamplerConfig("ddim", 10).timesteps() == [90.0, 80.0, 70.0, 60.0, 50.0, 40.0, 30.0, 20.0, 10.0, 0.0]
+    assert SamplerConfig("flow", 4).timesteps() == [1.0, 0.75, 0.5, 0.25]
+    assert all(type(t) is float for t in SamplerConfig("ddim", 7).timesteps())
+
+
+@pytest.mark.parametrize("kind,steps", [("ddpm", 100), ("ddpm", 25), ("ddim", 10), ("ddim", 7), ("ddim", 100)])
+def test_step_equals_diffusers_scheduler_step(kind, steps):
+    ours = build_sampler(SamplerConfig(kind, steps))
+    theirs = ddpm_scheduler() if kind == "ddpm" else ddim_scheduler()
+    theirs.set_timesteps(steps)
+    assert [float(t) for t in theirs.timesteps] == list(ours.timesteps)
+    g = torch.Generator().manual_seed(0)
+    for k, t in enumerate(ours.timesteps):
+        x, eps = torch.randn(2, 8, 3, generator=g) * 1.5, torch.randn(2, 8, 3, generator=g)
+        a = ours.step(k, eps, x, torch.Generator().manual_seed(k))
+        b = theirs.step(eps, int(t), x, generator=torch.Generator().manual_seed(k)).prev_sample
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def eps_oracle(x0, calls):
+    def denoise(x, t, k):
+        calls.append((k, t))
+        a = ALPHAS[int(t)].item()
+        return (x - math.sqrt(a) * x0) / math.sqrt(1 - a)
+
+    return denoise
+
+
+@pytest.mark.parametrize("config", [SamplerConfig("ddpm", 100), SamplerConfig("ddpm", 20)]
+                         + [SamplerConfig("ddim", k) for k in (1, 2, 5, 10, 100)])
+def test_exact_epsilon_oracle_recovers_x0(config):
+    x0, noise = x0_and_noise()
+    calls = []
+    out = sample(eps_oracle(x0, calls), noise, config, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(out, x0, rtol=0, atol=1e-4)
+    assert calls == list(enumerate(config.timesteps()))
+    assert all(type(k) is int and type(t) is float for k, t in calls)
+
+
+@pytest.mark.parametrize("steps", [1, 3, 10])
+def test_exact_velocity_oracle_recovers_x0_with_euler(steps):
+    x0, noise = x0_and_noise()
+    calls = []
+
+    def velocity(x, t, k):
+        calls.append((k, t))
+        torch.testing.assert_close(x, t * noise + (1 - t) * x0)  # the sample stays on the straight path
+        return noise - x0
+
+    out = sample(velocity, noise, SamplerConfig("flow", steps))
+    torch.testing.assert_close(out, x0, rtol=0, atol=1e-5)
+    assert [t for _, t in calls] == SamplerConfig("flow", steps).timesteps()
+
+
+def test_ddpm_noise_comes_from_the_given_generator():
+    _, noise = x0_and_noise()
+
+    def zero_eps(x, t, k):
+        return torch.zeros_like(x)
+
+    cfg = SamplerConfig("ddpm", 100)
+    a = sample(zero_eps, noise, cfg, torch.Generator().manual_seed(3))
+    b = sample(zero_eps, noise, cfg, torch.Generator().manual_seed(3))
+    c = sample(zero_eps, noise, cfg, torch.Generator().manual_seed(4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    d = sample(zero_eps, noise, SamplerConfig("ddim", 10), torch.Generator().manual_seed(4))
+    assert torch.equal(d, sample(zero_eps, noise, SamplerConfig("ddim", 10)))  # DDIM (eta 0) draws no noise
