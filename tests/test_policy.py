@@ -13,16 +13,6 @@ import torch.nn as nn
 import policy_accel as pa
 from policy_accel.sampling import ddpm_scheduler
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine OpenMP barriers make them crawl."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 OBS_DIM, ACT_DIM, H, TO, TA = 6, 2, 8, 2, 4
 
 

@@ -7,16 +7,6 @@ import torch
 
 from policy_accel.sampling import SamplerConfig, build_sampler, ddim_scheduler, ddpm_scheduler, sample
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine OpenMP barriers make them crawl."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 ALPHAS = ddpm_scheduler().alphas_cumprod.double()
 
 

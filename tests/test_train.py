@@ -12,15 +12,6 @@ from policy_accel.data import ReplayBuffer, SequenceDataset, sequence_indices
 from policy_accel.train import STATE_FILE, ModelConfig, TrainConfig, batch_indices, load_config, train
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine OpenMP barriers make them crawl."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def write_zarr(path, obs, action, ends, attrs):
     root = zarr.open_group(str(path), mode="w", zarr_format=3)
     root.create_array("data/obs", shape=obs.shape, dtype="float32")[:] = obs
