@@ -54,3 +54,14 @@ def make_expert(name: str, env, **kwargs):
 
         return MetaWorldExpert(env, **kwargs)
     raise _unknown(name)
+
+
+def make_env_from_spec(spec: dict):
+    """Re-create an env from its `spec_dict()` (stored with datasets and in checkpoint configs)."""
+    if not isinstance(spec, dict) or "name" not in spec:
+        raise ValueError(f"not an env spec (a dict from env.spec_dict()): {spec!r}")
+    if spec.get("family") == "robosuite":
+        from envs.robosuite_tasks import RobosuiteTask
+
+        return RobosuiteTask.from_spec(spec)
+    return make_env(spec["name"], **spec.get("kwargs", {}))

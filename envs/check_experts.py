@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 
 import envs
-from envs.collect import load_config, run_episode
+from envs.collect import run_episode
+from policy_accel.cli import load_config
 
 
 @dataclass

@@ -16,14 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 from tqdm import tqdm
 
 import envs
 from envs.dataset import DatasetWriter, package_version
-
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+from policy_accel.cli import load_config
 
 
 @dataclass
@@ -36,20 +33,6 @@ class CollectConfig:
     overwrite: bool = False
     max_attempts: int | None = None
     steps_after_success: int = 10
-
-
-def load_config(schema, argv: list[str], yaml_name: str | None = None):
-    """schema defaults <- configs/<yaml_name> <- `key=value` args; unknown keys raise."""
-    cfg = OmegaConf.structured(schema)
-    if yaml_name:
-        cfg = OmegaConf.merge(cfg, OmegaConf.load(CONFIG_DIR / yaml_name))
-    bad = [a for a in argv if "=" not in a]
-    if bad:
-        raise SystemExit(f"arguments must be key=value, got {bad}; keys: {', '.join(cfg.keys())}")
-    try:
-        return OmegaConf.merge(cfg, OmegaConf.from_dotlist(argv))
-    except OmegaConfBaseException as e:
-        raise SystemExit(f"bad option: {str(e).splitlines()[0]}; keys: {', '.join(cfg.keys())}") from e
 
 
 def derived_seed(env_seed: int, stream: int) -> int:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import policy_accel as pa
+from policy_accel.cache.calibrate import schedule_name
 from policy_accel.cache.peers import apply_diffusers_taylorseer
 from policy_accel.sampling import SamplerConfig
 
@@ -68,15 +69,10 @@ def parse_method(spec: str) -> Method:
 
 
 def sampler_for(method: Method, native: SamplerConfig) -> SamplerConfig:
-    if method.family == "ddim":
-        return SamplerConfig(kind="ddim", num_steps=method.params["steps"])
-    if method.base_steps is not None:
-        return SamplerConfig(kind="ddim", num_steps=method.base_steps)
-    return native
-
-
-def schedule_name(budget: int, bubble_blocks: int, sampler: SamplerConfig) -> str:
-    return f"bac_s{budget}_b{bubble_blocks}_{sampler.kind}{sampler.num_steps}"
+    steps = method.params["steps"] if method.family == "ddim" else method.base_steps
+    if steps is None:
+        return native
+    return SamplerConfig(kind="ddim", num_steps=steps, num_train_steps=native.num_train_steps)
 
 
 def apply_method(policy, method: Method, checkpoint_dir: str | Path, native: SamplerConfig):
@@ -95,12 +91,13 @@ def apply_method(policy, method: Method, checkpoint_dir: str | Path, native: Sam
     elif fam == "taylorseer":
         config = pa.TaylorSeerConfig(interval=p["interval"], order=p["order"])
     else:
-        name = schedule_name(p["budget"], 0 if p["nb"] else BUBBLE_BLOCKS, policy.sampler)
+        bubble = 0 if p["nb"] else BUBBLE_BLOCKS
+        name = schedule_name(p["budget"], bubble, policy.sampler.kind, policy.sampler.num_steps)
         path = Path(checkpoint_dir) / "schedules" / f"{name}.json"
         if not path.is_file():
             raise FileNotFoundError(
                 f"method {method.spec!r} needs schedule {path}; make it with: python -m policy_accel.cache.calibrate "
-                f"checkpoint={checkpoint_dir} budget={p['budget']} bubble_blocks={0 if p['nb'] else BUBBLE_BLOCKS} "
+                f"checkpoint={checkpoint_dir} budget={p['budget']} bubble_blocks={bubble} "
                 f"sampler={policy.sampler.kind} steps={policy.sampler.num_steps}"
             )
         config = (pa.BACConfig(schedule=path) if fam == "bac"

@@ -12,6 +12,7 @@ from policy_accel.cache import (  # noqa: E402
     accelerate,
     cache_stats,
     calibrate,
+    chunk_flops,
     find_blocks,
     remove_acceleration,
 )
@@ -22,5 +23,5 @@ from policy_accel.sampling import SamplerConfig, sample  # noqa: E402
 __all__ = [
     "BACConfig", "BACTaylorConfig", "ConditionCache", "DPTransformer", "DPTransformerConfig", "LosslessConfig",
     "Policy", "PolicyConfig", "SamplerConfig", "Schedule", "TaylorSeerConfig", "UniformConfig", "accelerate",
-    "cache_stats", "calibrate", "find_blocks", "load_policy", "remove_acceleration", "sample",
+    "cache_stats", "calibrate", "chunk_flops", "find_blocks", "load_policy", "remove_acceleration", "sample",
 ]

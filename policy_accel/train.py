@@ -26,11 +26,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from policy_accel.cli import load_config
 from policy_accel.data import ReplayBuffer, SequenceDataset
 from policy_accel.policy import Policy, PolicyConfig
 from policy_accel.sampling import SamplerConfig
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 STATE_FILE, LOG_FILE, CHECKPOINT_DIR = "last.pt", "log.jsonl", "checkpoint"
 
 
@@ -157,7 +157,8 @@ def train(cfg: TrainConfig) -> Path:
     state_path = out / STATE_FILE
     state = torch.load(state_path, map_location="cpu", weights_only=False) if state_path.exists() else None
     info = {"env": cfg.env, "obs_layout": buffer.attrs.get("obs_layout"), "dataset": str(cfg.dataset),
-            "n_episodes": buffer.n_episodes, "n_windows": len(dataset)}
+            "n_episodes": buffer.n_episodes, "n_windows": len(dataset), "env_spec": buffer.attrs.get("env_spec"),
+            "dataset_command": buffer.attrs.get("command")}
     policy_config = cfg.policy_config(buffer.obs.shape[1], buffer.action.shape[1], info)
     if state is not None and _arch(state["policy_config"]) != _arch(policy_config.to_dict()):
         raise ValueError(f"{state_path} was written for a different policy/dataset config; "
@@ -232,28 +233,8 @@ def train(cfg: TrainConfig) -> Path:
     return result
 
 
-def load_config(argv: list[str]) -> TrainConfig:
-    """TrainConfig defaults <- configs/train.yaml <- `key=value` args; unknown keys raise."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    bad = [a for a in argv if "=" not in a]
-    if bad:
-        raise SystemExit(f"arguments must be key=value, got {bad}")
-    try:
-        cfg = OmegaConf.structured(TrainConfig)
-        if (CONFIG_DIR / "train.yaml").exists():
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(CONFIG_DIR / "train.yaml"))
-        return OmegaConf.to_object(OmegaConf.merge(cfg, OmegaConf.from_dotlist(argv)))
-    except OmegaConfBaseException as e:
-        keys = ", ".join(f.name for f in dataclasses.fields(TrainConfig))
-        raise SystemExit(f"bad option: {str(e).splitlines()[0]}; keys: {keys}") from None
-    except ValueError as e:
-        raise SystemExit(f"bad option: {e}") from None
-
-
 def main(argv: list[str] | None = None) -> None:
-    path = train(load_config(sys.argv[1:] if argv is None else argv))
+    path = train(load_config(TrainConfig, sys.argv[1:] if argv is None else argv, "train.yaml"))
     print(f"checkpoint: {path}")
 
 

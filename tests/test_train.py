@@ -8,8 +8,9 @@ import torch
 import zarr
 
 import policy_accel as pa
+from policy_accel.cli import load_config
 from policy_accel.data import ReplayBuffer, SequenceDataset, sequence_indices
-from policy_accel.train import STATE_FILE, ModelConfig, TrainConfig, batch_indices, load_config, train
+from policy_accel.train import STATE_FILE, ModelConfig, TrainConfig, batch_indices, train
 
 
 def write_zarr(path, obs, action, ends, attrs):
@@ -117,13 +118,13 @@ def test_resume_is_exact(dataset_path, tmp_path, monkeypatch):
 
 
 def test_cli_config_overrides():
-    cfg = load_config(["env=can", "steps=5", "model.n_emb=64"])
+    cfg = load_config(TrainConfig, ["env=can", "steps=5", "model.n_emb=64"], "train.yaml")
     assert cfg.dataset == "data/can.zarr" and cfg.out_dir == "runs/can_dp_t" and cfg.model.n_emb == 64
     assert cfg.batch_size == 128 and cfg.betas == [0.9, 0.95] and cfg.ema_power == 0.75 and cfg.num_threads == 2
     with pytest.raises(SystemExit, match="not in 'TrainConfig'"):
-        load_config(["nope=1"])
+        load_config(TrainConfig, ["nope=1"], "train.yaml")
     with pytest.raises(SystemExit, match="steps must be >= 1"):
-        load_config(["steps=0"])
+        load_config(TrainConfig, ["steps=0"], "train.yaml")
 
 
 def rollout(act, n=20, steps=150):

@@ -4,15 +4,19 @@ BAC schedules from it.
     sched = pa.calibrate(policy, observations, budget=10, bubble_blocks=5)
     sched.save("checkpoints/lift_dp_t/schedules/bac_s10.json")
 
-CLI (observations from the checkpoint's demo dataset):
+CLI (observations from the checkpoint's demo dataset; one profile, one schedule per budget x bubble_blocks):
     python -m policy_accel.cache.calibrate checkpoint=checkpoints/lift_dp_t budget=10 [bubble_blocks=5]
+    python -m policy_accel.cache.calibrate checkpoint=... 'budget=[5,10,20]' 'bubble_blocks=[0,5]' sampler=ddim steps=20
 """
 
 import sys
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import MISSING
 from tqdm import tqdm
 
 from policy_accel.cache.hooks import BlockInfo, find_blocks
@@ -108,13 +112,23 @@ def calibrate(policy, observations: list, budget: int, bubble_blocks: int = 5, b
     The schedule records how stable each block's chosen steps are across observations
     (mean Jaccard index between the per-observation ACS steps and the aggregate ones).
     """
+    infos = _check_uncached(policy, blocks, [budget])
+    profile = profile_blocks(policy, observations, infos, batch_size)
+    return schedule_from_profile(policy, profile, infos, budget, bubble_blocks, description)
+
+
+def _check_uncached(policy, blocks: str | None, budgets: list[int]) -> list[BlockInfo]:
     if getattr(policy, "acceleration", None) is not None:
         raise RuntimeError("calibrate an uncached policy: call pa.remove_acceleration(policy) first")
     num_steps = policy.sampler.num_steps
-    if not 1 <= budget <= num_steps:
-        raise ValueError(f"budget must be in [1, {num_steps}] for a {num_steps}-step sampler, got {budget}")
-    infos = find_blocks(policy.model, blocks)
-    profile = profile_blocks(policy, observations, infos, batch_size)
+    for budget in budgets:
+        if not 1 <= budget <= num_steps:
+            raise ValueError(f"budget must be in [1, {num_steps}] for a {num_steps}-step sampler, got {budget}")
+    return find_blocks(policy.model, blocks)
+
+
+def schedule_from_profile(policy, profile: BlockProfile, infos: list[BlockInfo], budget: int, bubble_blocks: int,
+                          description: str = "") -> Schedule:
     acs = {b.name: acs_steps(profile.similarity[b.name], budget) for b in infos}
     steps = bubbling_union(acs, profile.volatility, {b.name: b.layer for b in infos},
                            {b.name for b in infos if b.is_ffn}, bubble_blocks)
@@ -126,7 +140,7 @@ def calibrate(policy, observations: list, budget: int, bubble_blocks: int = 5, b
 
     return Schedule(
         blocks=steps,
-        num_steps=num_steps,
+        num_steps=policy.sampler.num_steps,
         sampler=policy.sampler.kind,
         checkpoint_hash=policy.checkpoint_hash,
         method="bac",
@@ -144,10 +158,73 @@ def calibrate(policy, observations: list, budget: int, bubble_blocks: int = 5, b
     )
 
 
-def main(argv: list[str] | None = None) -> None:
-    from policy_accel.cache.calibrate_cli import run
+def schedule_name(budget: int, bubble_blocks: int, sampler: str, num_steps: int) -> str:
+    """File stem under <checkpoint>/schedules/ that eval/methods.py looks up."""
+    return f"bac_s{budget}_b{bubble_blocks}_{sampler}{num_steps}"
 
-    run(argv if argv is not None else sys.argv[1:])
+
+def demo_observations(dataset, n: int, n_obs_steps: int, seed: int = 0) -> list[np.ndarray]:
+    """`n` observation histories (n_obs_steps, obs_dim) drawn evenly from a demo dataset's time steps."""
+    from policy_accel.data import ReplayBuffer
+
+    buffer = ReplayBuffer.load(dataset)
+    starts = np.concatenate([[0], buffer.episode_ends[:-1]])
+    episode = np.searchsorted(buffer.episode_ends, np.arange(len(buffer.obs)), side="right")
+    rows = np.random.default_rng(seed).choice(len(buffer.obs), size=min(n, len(buffer.obs)), replace=False)
+    lags = np.arange(n_obs_steps - 1, -1, -1)
+    return [buffer.obs[np.maximum(r - lags, starts[episode[r]])] for r in np.sort(rows)]
+
+
+@dataclass
+class CalibrateConfig:
+    checkpoint: str = MISSING
+    budget: Any = 10  # an int or a list: one schedule per (budget, bubble_blocks)
+    bubble_blocks: Any = 5
+    sampler: str | None = None  # ddpm | ddim; default the checkpoint's native sampler
+    steps: int | None = None
+    observations: int = 64
+    dataset: str | None = None  # default the checkpoint's training dataset
+    blocks: str | None = None  # regex over module names; default the model's cache_blocks
+    batch_size: int = 8
+    seed: int = 0
+    num_threads: int = 2
+    out_dir: str | None = None  # default <checkpoint>/schedules
+
+
+def run(argv: list[str]) -> list[Path]:
+    from policy_accel.cli import load_config
+    from policy_accel.policy import load_policy
+    from policy_accel.sampling import SamplerConfig
+
+    cfg = load_config(CalibrateConfig, argv, None)
+    torch.set_num_threads(cfg.num_threads)
+    budgets = [cfg.budget] if isinstance(cfg.budget, int) else list(cfg.budget)
+    bubbles = [cfg.bubble_blocks] if isinstance(cfg.bubble_blocks, int) else list(cfg.bubble_blocks)
+    policy = load_policy(cfg.checkpoint)
+    native = policy.config.sampler
+    policy.set_sampler(SamplerConfig(cfg.sampler or native.kind, cfg.steps or native.num_steps, native.num_train_steps))
+    dataset = cfg.dataset or policy.config.info.get("dataset")
+    if not dataset:
+        raise SystemExit(f"{cfg.checkpoint} names no training dataset; pass dataset=<path.zarr>")
+    obs = demo_observations(dataset, cfg.observations, policy.config.n_obs_steps, cfg.seed)
+    infos = _check_uncached(policy, cfg.blocks, budgets)
+    profile = profile_blocks(policy, obs, infos, cfg.batch_size)
+    description = f"{len(obs)} observation histories drawn from {dataset} (seed {cfg.seed})"
+    out_dir = Path(cfg.out_dir or Path(cfg.checkpoint) / "schedules")
+    written = []
+    for budget in budgets:
+        for bubble in bubbles:
+            sched = schedule_from_profile(policy, profile, infos, budget, bubble, description)
+            path = out_dir / f"{schedule_name(budget, bubble, sched.sampler, sched.num_steps)}.json"
+            sched.save(path)
+            written.append(path)
+            print(f"{path}: computes {sched.computed_fraction():.1%} of block-steps, "
+                  f"stability (mean Jaccard) {sched.calibration['mean_jaccard_to_aggregate']:.2f}")
+    return written
+
+
+def main(argv: list[str] | None = None) -> None:
+    run(sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

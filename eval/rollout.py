@@ -1,0 +1,207 @@
+"""Closed-loop evaluation: task success and control-loop latency of one policy, per method.
+
+    python eval/rollout.py                      # configs/rollout.yaml: Lift, shipped checkpoint, uncached + DDIM-K
+    python eval/rollout.py checkpoint=checkpoints/can_dp_t episodes=100 'methods=[uncached,ddim10,bac10]'
+
+Every method runs on the same test seeds (`seed`, `seed + 1`, ...; demos use seeds from 0). Success:
+episodes run in lockstep batches of up to `num_envs` (a gymnasium SyncVectorEnv, batched inference),
+success = task success at any step. Latency: one chunk at batch 1 (observation history in -> actions
+out) on the same recorded observations for every method, timed one method after another in this
+process. Method strings are listed in eval/methods.py. Prints a table; writes a JSON summary.
+"""
+
+import json
+import math
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python eval/rollout.py` from the repo root
+
+import envs  # noqa: E402
+import policy_accel as pa  # noqa: E402
+from eval.methods import apply_method, parse_method  # noqa: E402
+from policy_accel.cli import load_config  # noqa: E402
+
+
+@dataclass
+class RolloutConfig:
+    checkpoint: str = "checkpoints/lift_dp_t"
+    methods: list[str] = field(default_factory=lambda: ["uncached", "ddim10", "ddim20", "ddim50"])
+    episodes: int = 50
+    seed: int = 100000  # first test seed
+    num_envs: int = 25  # envs stepped in lockstep (batched inference)
+    latency_chunks: int = 30  # timed chunks per method at batch 1
+    latency_warmup: int = 3
+    num_threads: int = 1  # torch threads (2 did not help DP-T at batch 1 on this machine)
+    device: str = "cpu"
+    out: str | None = None  # default eval/results/rollout_<task>.json
+    progress: bool = True
+
+    def __post_init__(self):
+        for name in ("episodes", "num_envs", "latency_chunks", "num_threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.methods:
+            raise ValueError("methods is empty")
+        for spec in self.methods:
+            parse_method(spec)  # fail on a typo before any work
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a binomial proportion."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def make_vector_env(spec: dict, num_envs: int) -> gym.vector.SyncVectorEnv:
+    # no autoreset: every env starts together from its own seed and is truncated at the same horizon
+    return gym.vector.SyncVectorEnv([lambda: envs.make_env_from_spec(spec)] * num_envs,
+                                    autoreset_mode=gym.vector.AutoresetMode.DISABLED)
+
+
+def run_batch(policy, venv, seeds: list[int], record: list | None = None) -> np.ndarray:
+    """One lockstep batch of episodes; returns success per env. Appends observation histories
+    (n_obs_steps, obs_dim) seen at chunk boundaries to `record` when given."""
+    To, Ta = policy.config.n_obs_steps, policy.config.n_action_steps
+    obs, _ = venv.reset(seed=seeds)
+    policy.reset()
+    policy.seed(seeds[0])  # a batch's sampling noise depends on its seeds only
+    history = [obs] * To
+    success = np.zeros(len(seeds), dtype=bool)
+    for t in range(10**6):
+        if record is not None and t % Ta == 0:
+            record.extend(np.stack(history, axis=1))
+        action = policy.select_action(obs)
+        obs, _, terminated, truncated, info = venv.step(action)
+        history = history[1:] + [obs]
+        success |= info["success"]
+        if success.all() or (terminated | truncated).all():
+            return success
+    raise RuntimeError("env never truncated")
+
+
+def run_success(policy, venv, seeds: list[int], desc: str, progress: bool, record: list | None = None) -> list[int]:
+    """Successful seeds among `seeds`, run in batches of venv.num_envs (the last batch padded)."""
+    n = venv.num_envs
+    wins = []
+    with tqdm(total=len(seeds), desc=desc, unit="ep", disable=not progress, leave=False) as bar:
+        for i in range(0, len(seeds), n):
+            batch = seeds[i:i + n]
+            padded = batch + [seeds[-1] + 1 + j for j in range(n - len(batch))]
+            success = run_batch(policy, venv, padded, record)[:len(batch)]
+            wins += [s for s, ok in zip(batch, success, strict=True) if ok]
+            bar.update(len(batch))
+            bar.set_postfix(success=f"{len(wins)}/{bar.n}")
+    return wins
+
+
+def measure_latency(policy, histories: list[np.ndarray], chunks: int, warmup: int) -> np.ndarray:
+    """Seconds per chunk at batch 1, cycling through the recorded histories."""
+    times = []
+    for i in range(warmup + chunks):
+        h = histories[i % len(histories)][None]
+        start = time.perf_counter()
+        policy.predict_action_chunk(h)  # returns numpy, so a GPU run is synchronised here
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return np.array(times)
+
+
+def machine() -> dict:
+    return {"host": platform.node(), "cpu": platform.processor() or platform.machine(),
+            "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
+def evaluate(cfg: RolloutConfig) -> dict:
+    torch.set_num_threads(cfg.num_threads)
+    policy = pa.load_policy(cfg.checkpoint, device=cfg.device)
+    info, native = policy.config.info, policy.config.sampler
+    spec = info.get("env_spec")
+    if not spec:
+        raise ValueError(f"{cfg.checkpoint}: config.json has no info.env_spec; cannot tell which env to run")
+    task = spec["name"]
+    methods = [parse_method(m) for m in cfg.methods]
+    seeds = list(range(cfg.seed, cfg.seed + cfg.episodes))
+    n_batches = math.ceil(cfg.episodes / cfg.num_envs)
+    venv = make_vector_env(spec, math.ceil(cfg.episodes / n_batches))
+
+    recorded: list[np.ndarray] = []
+    rows = []
+    for i, method in enumerate(methods):
+        remover = apply_method(policy, method, cfg.checkpoint, native)
+        start = time.perf_counter()
+        wins = run_success(policy, venv, seeds, f"{task} {method.spec}", cfg.progress, recorded if i == 0 else None)
+        if remover:
+            remover.remove()
+        low, high = wilson_interval(len(wins), len(seeds))
+        rows.append({"policy": Path(cfg.checkpoint).name, "task": task, "method": method.name,
+                     "setting": method.spec, "n_episodes": len(seeds), "successes": len(wins),
+                     "success_rate": len(wins) / len(seeds), "ci_low": low, "ci_high": high,
+                     "failed_seeds": sorted(set(seeds) - set(wins)), "success_wall_s": time.perf_counter() - start})
+    venv.close()
+
+    histories = recorded[:: max(1, len(recorded) // cfg.latency_chunks)][:cfg.latency_chunks]
+    flops = {}
+    for row, method in zip(rows, tqdm(methods, desc="latency", disable=not cfg.progress, leave=False), strict=True):
+        remover = apply_method(policy, method, cfg.checkpoint, native)
+        times = measure_latency(policy, histories, cfg.latency_chunks, cfg.latency_warmup) * 1e3
+        flops[method.spec] = pa.chunk_flops(policy, histories[0][None])
+        if remover:
+            remover.remove()
+        p50 = float(np.median(times))
+        row.update(latency_ms_p50=p50, latency_ms_p95=float(np.percentile(times, 95)),
+                   latency_ms_p99=float(np.percentile(times, 99)), latency_ms_max=float(times.max()),
+                   control_hz=policy.config.n_action_steps / (p50 / 1e3), latency_chunks=len(times))
+    base = next((r for r in rows if r["method"] == "uncached"), None)
+    for row in rows:
+        row["speedup"] = base["latency_ms_p50"] / row["latency_ms_p50"] if base else None
+        row["flops_ratio"] = flops[row["setting"]] / flops[base["setting"]] if base else None
+        row["gflops_per_chunk"] = flops[row["setting"]] / 1e9
+    return {"checkpoint": cfg.checkpoint, "checkpoint_hash": policy.checkpoint_hash, "task": task,
+            "seeds": [seeds[0], seeds[-1]], "machine": machine(), "config": asdict(cfg), "results": rows}
+
+
+def format_table(rows: list[dict]) -> str:
+    def ratio(x):
+        return "-" if x is None else f"{x:.2f}"
+
+    head = (f"{'method':<22}{'success':>10}{'rate':>6}{'95% CI':>14}{'p50 ms':>9}{'p95':>8}{'p99':>8}{'max':>8}"
+            f"{'ctrl Hz':>9}{'speedup':>9}{'FLOPs':>7}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        ci = f"[{r['ci_low']:.2f}, {r['ci_high']:.2f}]"
+        lines.append(f"{r['setting']:<22}{r['successes']:>6}/{r['n_episodes']:<3}{r['success_rate']:>6.0%}{ci:>14}"
+                     f"{r['latency_ms_p50']:>9.1f}{r['latency_ms_p95']:>8.1f}{r['latency_ms_p99']:>8.1f}"
+                     f"{r['latency_ms_max']:>8.1f}{r['control_hz']:>9.1f}{ratio(r['speedup']):>9}"
+                     f"{ratio(r['flops_ratio']):>7}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = load_config(RolloutConfig, sys.argv[1:] if argv is None else argv, "rollout.yaml")
+    summary = evaluate(cfg)
+    out = Path(cfg.out or f"eval/results/rollout_{summary['task']}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=1) + "\n")
+    m = summary["machine"]
+    print(f"{summary['task']}: {cfg.checkpoint}, seeds {summary['seeds'][0]}..{summary['seeds'][1]}, "
+          f"latency at batch 1 on {m['cpu']} ({m['threads']} thread(s), torch {m['torch']})")
+    print(format_table(summary["results"]))
+    print(f"wrote {out}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""eval/rollout.py and eval/methods.py on push2d with tiny policies; calibrate CLI on a tiny dataset."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import envs
+import policy_accel as pa
+from eval import rollout
+from eval.methods import apply_method, parse_method
+from policy_accel.cache.calibrate import run as calibrate_cli
+from tests.test_train import write_zarr
+
+
+def tiny_checkpoint(path, env_name="push2d", horizon=40, dataset=None):
+    env = envs.make_env(env_name, horizon=horizon)
+    torch.manual_seed(0)
+    cfg = pa.PolicyConfig(obs_dim=env.observation_space.shape[0], action_dim=2, horizon=8, n_obs_steps=2,
+                          n_action_steps=4, model=dict(n_layer=2, n_head=2, n_emb=32),
+                          sampler=pa.SamplerConfig("ddpm", 20, 20),
+                          info={"env": env_name, "env_spec": env.spec_dict(), "dataset": dataset})
+    policy = pa.Policy(cfg)
+    rng = np.random.default_rng(0)
+    policy.fit_normalizers(rng.uniform(-1, 1, (100, cfg.obs_dim)), rng.uniform(-1, 1, (100, 2)))
+    return policy.save(path)
+
+
+class ExpertPolicy:
+    """Test double with the Policy surface run_batch uses: one push2d expert per env (success ~100%)."""
+
+    class config:
+        n_obs_steps, n_action_steps = 2, 4
+
+    def __init__(self, n):
+        self.experts = [envs.make_expert("push2d", envs.make_env("push2d"), seed=i) for i in range(n)]
+
+    def reset(self):
+        for i, e in enumerate(self.experts):
+            e.reset(seed=i)
+
+    def seed(self, seed):
+        pass
+
+    def select_action(self, obs):
+        return np.stack([e.act(o) for e, o in zip(self.experts, obs, strict=True)])
+
+
+class IdlePolicy(ExpertPolicy):
+    def select_action(self, obs):
+        return np.zeros((len(obs), 2), np.float32)
+
+
+def test_wilson_interval_known_values():
+    assert rollout.wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    low, high = rollout.wilson_interval(0, 10)
+    assert low == 0 and high == pytest.approx(0.2775, abs=1e-4)
+    assert rollout.wilson_interval(100, 100)[0] == pytest.approx(0.9630, abs=1e-4)
+
+
+def test_success_counting_batches_padding_and_recorded_histories():
+    spec = envs.make_env("push2d").spec_dict()
+    venv = rollout.make_vector_env(spec, 3)
+    seeds = list(range(100000, 100007))  # 3 batches of 3, the last padded with 2 extra seeds
+    record = []
+    wins = rollout.run_success(ExpertPolicy(3), venv, seeds, "expert", progress=False, record=record)
+    assert wins == seeds
+    assert record and all(h.shape == (2, 6) for h in record)
+    assert rollout.run_success(IdlePolicy(3), venv, seeds, "idle", progress=False) == []
+    venv.close()
+
+
+def test_method_strings_parse_and_reject_typos():
+    m = parse_method("bac_taylor10o2nb@ddim20")
+    assert (m.family, m.params, m.base_steps) == ("bac_taylor", {"budget": 10, "order": 2, "nb": True}, 20)
+    assert parse_method("taylorseer4o1").params == {"interval": 4, "order": 1}
+    for bad in ("bac", "ddim", "fast", "ddim10@ddim20", "uniform4@ddpm50"):
+        with pytest.raises(ValueError, match=bad.split("@")[0] if bad != "fast" else "unknown method"):
+            parse_method(bad)
+
+
+def test_rollout_end_to_end_on_push2d_writes_summary(tmp_path):
+    ckpt = tiny_checkpoint(tmp_path / "push2d_tiny")
+    out = tmp_path / "summary.json"
+    summary = rollout.main([f"checkpoint={ckpt}", "episodes=5", "num_envs=3", "latency_chunks=3",
+                            "methods=[uncached,ddim5,lossless,uniform4,taylorseer3o1]", f"out={out}",
+                            "progress=false"])
+    assert json.loads(out.read_text()) == summary
+    rows = summary["results"]
+    assert [r["setting"] for r in rows] == ["uncached", "ddim5", "lossless", "uniform4", "taylorseer3o1"]
+    for r in rows:
+        assert r["n_episodes"] == 5 and 0 <= r["successes"] <= 5
+        assert r["ci_low"] <= r["success_rate"] <= r["ci_high"]
+        assert r["latency_ms_p50"] <= r["latency_ms_p95"] <= r["latency_ms_p99"] <= r["latency_ms_max"]
+        assert math.isclose(r["control_hz"], 4 / (r["latency_ms_p50"] / 1e3))
+    by = {r["setting"]: r for r in rows}
+    assert by["uncached"]["flops_ratio"] == 1.0
+    assert by["ddim5"]["flops_ratio"] == pytest.approx(5 / 20, rel=0.02)
+    assert by["uniform4"]["flops_ratio"] < 0.5
+    # lossless changes no output, so the same seeds give the same episodes
+    assert by["lossless"]["failed_seeds"] == by["uncached"]["failed_seeds"]
+
+
+def test_rollout_rejects_bad_config(tmp_path):
+    with pytest.raises(SystemExit, match="unknown method"):
+        rollout.main(["methods=[uncached,fastest]"])
+    with pytest.raises(SystemExit, match="episodes must be >= 1"):
+        rollout.main(["episodes=0"])
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        rollout.main([f"checkpoint={tmp_path}", "progress=false"])
+
+
+def test_calibrate_cli_writes_schedules_that_methods_load(tmp_path):
+    rng = np.random.default_rng(0)
+    ends = np.cumsum([30, 25, 40]).astype(np.int64)
+    data = write_zarr(tmp_path / "d.zarr", rng.uniform(-1, 1, (95, 6)).astype(np.float32),
+                      rng.uniform(-1, 1, (95, 2)).astype(np.float32), ends, {"env": "push2d"})
+    ckpt = tiny_checkpoint(tmp_path / "ckpt", dataset=str(data))
+    written = calibrate_cli([f"checkpoint={ckpt}", "budget=[4,6]", "bubble_blocks=[0,5]", "observations=10",
+                             "num_threads=1"])
+    assert sorted(p.name for p in written) == sorted(
+        f"bac_s{s}_b{b}_ddpm20.json" for s in (4, 6) for b in (0, 5))
+    sched = pa.Schedule.load(ckpt / "schedules" / "bac_s4_b0_ddpm20.json")
+    assert sched.calibration["n_observations"] == 10 and all(len(s) == 4 for s in sched.blocks.values())
+    policy = pa.load_policy(ckpt)
+    obs = np.zeros(6, np.float32)
+    for spec in ("bac4", "bac6nb", "bac_taylor4o1"):
+        remover = apply_method(policy, parse_method(spec), ckpt, policy.config.sampler)
+        policy.reset()
+        assert policy.predict_action_chunk(obs).shape == (1, 4, 2)
+        remover.remove()
+        assert policy.acceleration is None
+    with pytest.raises(FileNotFoundError, match="policy_accel.cache.calibrate"):
+        apply_method(policy, parse_method("bac7"), ckpt, policy.config.sampler)
