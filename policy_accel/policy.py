@@ -152,17 +152,18 @@ class Policy(nn.Module):
         action = self._actions.popleft()
         return action[0] if single else action
 
-    def predict_action_chunk(self, obs) -> np.ndarray:
+    def predict_action_chunk(self, obs, noise: torch.Tensor | None = None) -> np.ndarray:
         """The next n_action_steps actions (B, Ta, Da), always recomputed. `obs` (obs_dim,) or
         (B, obs_dim) is appended to the history as in select_action; (B, n_obs_steps, obs_dim) is
-        used as the whole history and leaves the stored one alone. The action queue is untouched."""
+        used as the whole history and leaves the stored one alone. The action queue is untouched.
+        `noise` (B, horizon, Da) replaces the initial noise drawn from the policy's generator."""
         arr = _as_array(obs)
         if arr.ndim == 3:
             history = self._check_obs(arr, history=True)[0]
         else:
             self._push(self._check_obs(arr)[0])
             history = np.stack(self._history, axis=1)
-        return self._predict(history)
+        return self._predict(history, noise)
 
     def _check_obs(self, obs, history: bool = False) -> tuple[np.ndarray, bool]:
         arr = _as_array(obs)
@@ -190,7 +191,7 @@ class Policy(nn.Module):
             self._history.append(batch)
 
     @torch.inference_mode()
-    def _predict(self, history: np.ndarray) -> np.ndarray:
+    def _predict(self, history: np.ndarray, noise: torch.Tensor | None = None) -> np.ndarray:
         """history (B, To, obs_dim) raw -> executable actions (B, Ta, Da) raw."""
         cfg, device = self.config, self.device
         if self.generator.device != device:  # the policy was moved since seed()
@@ -203,7 +204,13 @@ class Policy(nn.Module):
             hook.begin_chunk(B, list(timesteps))
         if self.precompute_condition:
             cond = self.model.encode_condition(cond, timesteps)
-        noise = torch.randn((B, cfg.horizon, cfg.action_dim), generator=self.generator, device=device)
+        shape = (B, cfg.horizon, cfg.action_dim)
+        if noise is None:
+            noise = torch.randn(shape, generator=self.generator, device=device)
+        elif tuple(noise.shape) != shape:
+            raise ValueError(f"noise must have shape {shape}, got {tuple(noise.shape)}")
+        else:
+            noise = noise.to(device=device, dtype=torch.float32)
 
         def denoise(x, t, k):
             for hook in hooks:

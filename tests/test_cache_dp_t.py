@@ -1,0 +1,125 @@
+"""The engine on the real DP-T policy (tiny width): exactness, lossless savings, batching, no leaks,
+and the diffusers TaylorSeer peer on the same model."""
+
+import inspect
+
+import numpy as np
+import pytest
+import torch
+
+import policy_accel as pa
+from policy_accel.cache import Schedule
+from policy_accel.cache.peers import apply_diffusers_taylorseer, diffusers_refresh_steps
+
+OBS_DIM, ACT_DIM, H, STEPS = 5, 3, 8, 12
+
+
+def make_policy() -> pa.Policy:
+    torch.manual_seed(0)
+    cfg = pa.PolicyConfig(obs_dim=OBS_DIM, action_dim=ACT_DIM, horizon=H, n_obs_steps=2, n_action_steps=4,
+                          model=dict(n_layer=3, n_head=2, n_emb=32), sampler=pa.SamplerConfig("ddpm", STEPS, STEPS))
+    policy = pa.Policy(cfg, seed=0)
+    rng = np.random.default_rng(0)
+    policy.fit_normalizers(rng.uniform(-2, 2, (100, OBS_DIM)), rng.uniform(-1, 1, (100, ACT_DIM)))
+    return policy
+
+
+@pytest.fixture
+def policy():
+    return make_policy()
+
+
+OBS = np.random.default_rng(1).uniform(-2, 2, (3, 2, OBS_DIM)).astype(np.float32)  # 3 histories
+
+
+def chunk(policy, obs=OBS, seed=0):
+    policy.seed(seed)
+    policy.reset()
+    return policy.predict_action_chunk(obs)
+
+
+def every_step(policy) -> Schedule:
+    names = [b.name for b in pa.find_blocks(policy.model)]
+    return Schedule(blocks={n: list(range(STEPS)) for n in names}, num_steps=STEPS, sampler="ddpm",
+                    checkpoint_hash=policy.checkpoint_hash)
+
+
+def test_blocks_found_are_the_24_sub_blocks_per_8_layers_pattern(policy):
+    kinds = [(b.layer, b.kind) for b in pa.find_blocks(policy.model)]
+    assert kinds == [(i, k) for i in range(3) for k in ("self_attn", "cross_attn", "ff")]
+
+
+@pytest.mark.parametrize("order", [0, 2])
+def test_compute_every_step_equals_uncached_exactly(policy, order):
+    ref = chunk(policy)
+    pa.accelerate(policy, pa.BACTaylorConfig(schedule=every_step(policy), order=order, lossless=False))
+    assert np.array_equal(chunk(policy), ref)
+    assert pa.cache_stats(policy).skipped_fraction == 0
+
+
+def test_lossless_savings_do_not_change_outputs(policy):
+    ref = chunk(policy)
+    pa.accelerate(policy, pa.LosslessConfig())
+    assert policy.precompute_condition
+    np.testing.assert_allclose(chunk(policy), ref, rtol=0, atol=1e-5)
+    flops = pa.chunk_flops(policy, OBS)
+    pa.remove_acceleration(policy)
+    assert not policy.precompute_condition
+    assert flops < pa.chunk_flops(policy, OBS)  # the condition K/V are no longer recomputed every step
+
+
+def test_remove_restores_bit_identical_model_and_signature(policy):
+    module = policy.model.decoder.layers[1].cross_attn
+    sig, ref = inspect.signature(module.forward), chunk(policy)
+    state = {k: v.clone() for k, v in policy.state_dict().items()}
+    pa.accelerate(policy, pa.TaylorSeerConfig(interval=3, order=2))
+    assert not np.array_equal(chunk(policy), ref)
+    pa.remove_acceleration(policy)
+    assert inspect.signature(module.forward) == sig and "forward" not in module.__dict__
+    assert all(torch.equal(v, state[k]) for k, v in policy.state_dict().items())
+    assert np.array_equal(chunk(policy), ref)
+
+
+@pytest.mark.parametrize("config", [pa.UniformConfig(interval=3), pa.TaylorSeerConfig(interval=4, order=2)])
+def test_batch_equals_per_sample_under_static_schedule(policy, config):
+    noise = torch.randn(3, H, ACT_DIM, generator=torch.Generator().manual_seed(5))
+    policy.config.sampler = policy.sampler = pa.SamplerConfig("ddim", STEPS, STEPS)  # deterministic steps
+    policy.set_sampler(policy.sampler)
+    pa.accelerate(policy, config)
+    policy.reset()
+    batch = policy.predict_action_chunk(OBS, noise)
+    single = np.concatenate([policy.predict_action_chunk(OBS[i:i + 1], noise[i:i + 1]) for i in range(3)])
+    np.testing.assert_allclose(batch, single, rtol=1e-5, atol=1e-5)
+
+
+def test_no_state_leaks_across_chunks_episodes_or_batch_sizes(policy):
+    pa.accelerate(policy, pa.TaylorSeerConfig(interval=3, order=2))
+    first = chunk(policy, OBS[:2])
+    chunk(policy, OBS)  # another batch size in between
+    policy.select_action(OBS[0, 0])  # and an episode with a queue
+    assert np.array_equal(chunk(policy, OBS[:2]), first)
+    fresh = make_policy()
+    pa.accelerate(fresh, pa.TaylorSeerConfig(interval=3, order=2))
+    assert np.array_equal(chunk(fresh, OBS[:2]), first)
+
+
+def test_diffusers_taylorseer_matches_ours_on_dp_t(policy):
+    names = [b.name for b in pa.find_blocks(policy.model)]
+    steps = diffusers_refresh_steps(STEPS, interval=3, warmup=2)
+    handle = apply_diffusers_taylorseer(policy, interval=3, order=2, warmup=2)
+    theirs = chunk(policy)
+    assert np.array_equal(chunk(policy), theirs)  # its state is reset per chunk
+    handle.remove()
+    sched = Schedule(blocks={n: steps for n in names}, num_steps=STEPS, sampler="ddpm",
+                     checkpoint_hash=policy.checkpoint_hash)
+    pa.accelerate(policy, pa.BACTaylorConfig(schedule=sched, order=2, differences="backward", lossless=False))
+    np.testing.assert_allclose(chunk(policy), theirs, rtol=1e-4, atol=1e-5)
+    pa.remove_acceleration(policy)
+    # its refresh steps 0, 1, 3, 6, 9 have uneven gaps, where the latest-gap rule and Newton differ
+    pa.accelerate(policy, pa.BACTaylorConfig(schedule=sched, order=2, lossless=False))
+    assert np.abs(chunk(policy) - theirs).max() > 1e-3
+
+
+def test_noise_argument_is_checked(policy):
+    with pytest.raises(ValueError, match="noise must have shape"):
+        policy.predict_action_chunk(OBS, torch.zeros(3, H + 1, ACT_DIM))
