@@ -8,7 +8,9 @@
     bac10 / bac10nb          BAC schedule with budget 10, with / without the Bubbling Union
     bac_taylor10o2           BAC schedule + Taylor forecast of order 2 (ours)
     diffusers_taylorseer4o1  diffusers' own TaylorSeer hook (warm-up 3), for comparison
+    every_step               hooks on every block, all compute (measures the hook overhead)
     <any>@ddim20             the same on top of DDIM-20
+    compile / compile+<any>  torch.compile of each block's computation: uncached alone, or with a method
 
 BAC settings read `checkpoints/<name>/schedules/<schedule_name(...)>.json`, made by
 `python -m policy_accel.cache.calibrate`.
@@ -27,6 +29,7 @@ _PATTERNS = {
     "uncached": r"uncached",
     "ddim": r"ddim(?P<steps>\d+)",
     "lossless": r"lossless",
+    "every_step": r"every_step",
     "uniform": r"uniform(?P<interval>\d+)",
     "taylorseer": r"taylorseer(?P<interval>\d+)o(?P<order>\d+)",
     "bac": r"bac(?P<budget>\d+)(?P<nb>nb)?",
@@ -43,15 +46,20 @@ class Method:
     family: str  # key of _PATTERNS
     params: dict
     base_steps: int | None  # DDIM steps underneath (None: the native sampler)
+    compiled: bool = False
 
     @property
     def name(self) -> str:
-        """`method` field of the results: uncached, ddim, uniform, ..., diffusers_taylorseer."""
+        """`method` field of the results: uncached, ddim, uniform, ..., compile, compile+bac."""
+        if self.compiled:
+            return "compile" if self.family == "uncached" else f"compile+{self.family}"
         return self.family
 
 
 def parse_method(spec: str) -> Method:
-    body, _, base = spec.partition("@")
+    compiled = spec == "compile" or spec.startswith("compile+")
+    rest = "uncached" if spec == "compile" else spec.removeprefix("compile+")
+    body, _, base = rest.partition("@")
     base_steps = None
     if base:
         m = re.fullmatch(r"ddim(\d+)", base)
@@ -63,8 +71,10 @@ def parse_method(spec: str) -> Method:
         if m:
             if family in ("uncached", "ddim") and base:
                 raise ValueError(f"method {spec!r}: '@ddim' combines with cache methods only")
+            if compiled and family.startswith("diffusers"):
+                raise ValueError(f"method {spec!r}: compile combines with our methods only")
             params = {k: (v is not None if k == "nb" else int(v)) for k, v in m.groupdict().items()}
-            return Method(spec, family, params, base_steps)
+            return Method(spec, family, params, base_steps, compiled)
     raise ValueError(f"unknown method {spec!r}; expected one of: {', '.join(_PATTERNS)} (see eval/methods.py)")
 
 
@@ -80,16 +90,19 @@ def apply_method(policy, method: Method, checkpoint_dir: str | Path, native: Sam
     pa.remove_acceleration(policy)
     policy.set_sampler(sampler_for(method, native))
     p, fam = method.params, method.family
-    if fam in ("uncached", "ddim"):
+    compile = method.compiled
+    if fam in ("uncached", "ddim") and not compile:
         return None
     if fam == "diffusers_taylorseer":
         return apply_diffusers_taylorseer(policy, p["interval"], p["order"], DIFFUSERS_WARMUP)
-    if fam == "lossless":
-        config = pa.LosslessConfig()
+    if fam in ("uncached", "ddim", "every_step"):  # every block computes every step
+        config = pa.LosslessConfig(lossless=False, compile=compile)
+    elif fam == "lossless":
+        config = pa.LosslessConfig(compile=compile)
     elif fam == "uniform":
-        config = pa.UniformConfig(interval=p["interval"])
+        config = pa.UniformConfig(interval=p["interval"], compile=compile)
     elif fam == "taylorseer":
-        config = pa.TaylorSeerConfig(interval=p["interval"], order=p["order"])
+        config = pa.TaylorSeerConfig(interval=p["interval"], order=p["order"], compile=compile)
     else:
         bubble = 0 if p["nb"] else BUBBLE_BLOCKS
         name = schedule_name(p["budget"], bubble, policy.sampler.kind, policy.sampler.num_steps)
@@ -100,8 +113,8 @@ def apply_method(policy, method: Method, checkpoint_dir: str | Path, native: Sam
                 f"checkpoint={checkpoint_dir} budget={p['budget']} bubble_blocks={bubble} "
                 f"sampler={policy.sampler.kind} steps={policy.sampler.num_steps}"
             )
-        config = (pa.BACConfig(schedule=path) if fam == "bac"
-                  else pa.BACTaylorConfig(schedule=path, order=p["order"]))
+        config = (pa.BACConfig(schedule=path, compile=compile) if fam == "bac"
+                  else pa.BACTaylorConfig(schedule=path, order=p["order"], compile=compile))
     pa.accelerate(policy, config)
     return _Remover(policy)
 

@@ -9,7 +9,7 @@ import torch
 
 import envs
 import policy_accel as pa
-from eval import rollout
+from eval import bench_denoiser, rollout
 from eval.methods import apply_method, parse_method
 from policy_accel.cache.calibrate import run as calibrate_cli
 from tests.test_train import write_zarr
@@ -134,3 +134,13 @@ def test_calibrate_cli_writes_schedules_that_methods_load(tmp_path):
         assert policy.acceleration is None
     with pytest.raises(FileNotFoundError, match="policy_accel.cache.calibrate"):
         apply_method(policy, parse_method("bac7"), ckpt, policy.config.sampler)
+
+    result = bench_denoiser.main([f"checkpoint={ckpt}", "methods=[uncached,every_step,ddim5,uniform4,bac4nb]",
+                                  "observations=2", "rounds=2", "repeats=2", f"out={tmp_path / 'bench.json'}"])
+    rows = {r["setting"]: r for r in result["results"]}
+    assert rows["uncached"]["speedup"] == 1.0 and rows["every_step"]["flops_ratio"] == 1.0
+    assert rows["ddim5"]["flops_ratio"] == pytest.approx(5 / 20, rel=0.02)
+    # bac4nb computes 4 of 20 steps in every block; the embeddings and head still run every step
+    assert 0.2 < rows["bac4nb"]["flops_ratio"] < 0.35
+    for r in rows.values():
+        assert r["achieved_over_ideal"] == pytest.approx(r["speedup"] * r["flops_ratio"])

@@ -3,13 +3,15 @@
 A wrapped block computes on the steps its compute mask marks (recording its residual-branch output)
 and returns a forecast from its stored outputs otherwise. The current step index and t come from a
 `StepContext`, which the policy advances through its sampling hooks (plain Python values, so the
-static-schedule path has no host sync and stays traceable by torch.compile).
+static-schedule path has no host sync). With `compile=True` each block's computation goes through
+torch.compile while the hook itself stays in Python.
 """
 
 import functools
 import re
 from dataclasses import dataclass
 
+import torch
 import torch.nn as nn
 
 from policy_accel.cache.forecast import Forecaster
@@ -75,7 +77,7 @@ class BlockHook:
     """Replaces one module instance's forward: compute-and-record, or forecast."""
 
     def __init__(self, module: nn.Module, info: BlockInfo, mask: list[bool], forecaster: Forecaster,
-                 ctx: StepContext):
+                 ctx: StepContext, compile: bool = False):
         if not mask[0]:
             raise ValueError(f"block {info.name}: step 0 must compute (nothing to reuse before it)")
         self.module, self.info, self.mask, self.forecaster, self.ctx = module, info, mask, forecaster, ctx
@@ -83,6 +85,9 @@ class BlockHook:
         self.skipped = 0
         self.original_forward = module.forward
         self.instance_forward = module.__dict__.get("forward")  # another wrapper already on this instance
+        # Compiling the block's own computation (not the hook, whose Python step logic would make
+        # dynamo guard on the step and recompile) gives one graph per block kind, shared by all layers.
+        self.compute = torch.compile(self.original_forward) if compile else self.original_forward
         module.forward = functools.update_wrapper(functools.partial(BlockHook.forward, self),
                                                   self.original_forward)
         ctx.hooks.append(self)
@@ -90,7 +95,7 @@ class BlockHook:
     def forward(self, *args, **kwargs):
         if self.mask[self.ctx.step]:
             self.computed += 1
-            out = self.original_forward(*args, **kwargs)
+            out = self.compute(*args, **kwargs)
             self.forecaster.update(self.ctx.t, out)
             return out
         self.skipped += 1

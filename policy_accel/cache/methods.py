@@ -19,6 +19,10 @@ from policy_accel.cache.hooks import BlockHook, BlockInfo, StepContext, find_blo
 from policy_accel.cache.schedule import Schedule, uniform_steps
 
 
+def _suffix(cfg) -> str:
+    return ("" if cfg.lossless else "_exact") + ("+compile" if cfg.compile else "")
+
+
 @dataclass
 class UniformConfig:
     """Reuse ("FORA"): every block recomputes on steps 0, N, 2N, ... and reuses in between."""
@@ -26,6 +30,7 @@ class UniformConfig:
     interval: int = 5
     blocks: str | None = None  # regex over module names; default: the model's `cache_blocks`
     lossless: bool = True  # per-chunk condition K/V where the model supports it
+    compile: bool = False  # torch.compile each block's computation (the hook logic stays eager)
 
     def __post_init__(self):
         if self.interval < 1:
@@ -33,7 +38,7 @@ class UniformConfig:
 
     @property
     def tag(self) -> str:
-        return f"uniform_n{self.interval}"
+        return f"uniform_n{self.interval}" + _suffix(self)
 
 
 @dataclass
@@ -46,6 +51,7 @@ class TaylorSeerConfig:
     differences: str = "newton"  # "backward" = the public implementations' latest-gap rule
     blocks: str | None = None
     lossless: bool = True
+    compile: bool = False
 
     def __post_init__(self):
         if self.interval < 1:
@@ -60,7 +66,7 @@ class TaylorSeerConfig:
     @property
     def tag(self) -> str:
         diff = "" if self.differences == "newton" else "_bw"
-        return f"taylorseer_n{self.interval}_o{self.order}_w{self.warmup}{diff}"
+        return f"taylorseer_n{self.interval}_o{self.order}_w{self.warmup}{diff}" + _suffix(self)
 
 
 @dataclass
@@ -77,6 +83,7 @@ class BACConfig:
     observations: list | None = field(default=None, repr=False)
     blocks: str | None = None
     lossless: bool = True
+    compile: bool = False
 
     def __post_init__(self):
         if self.schedule is None and self.budget is None:
@@ -92,6 +99,9 @@ class BACConfig:
 
     @property
     def tag(self) -> str:
+        return self._base_tag() + _suffix(self)
+
+    def _base_tag(self) -> str:
         if self.schedule is not None:
             return f"bac_s{self.schedule.budget}_b{self.schedule.bubble_blocks}"
         return f"bac_s{self.budget}_b{self.bubble_blocks}"
@@ -113,7 +123,8 @@ class BACTaylorConfig(BACConfig):
 
     @property
     def tag(self) -> str:
-        return super().tag.replace("bac_", "bac_taylor_") + f"_o{self.order}"
+        diff = "" if self.differences == "newton" else "_bw"
+        return self._base_tag().replace("bac_", "bac_taylor_") + f"_o{self.order}{diff}" + _suffix(self)
 
 
 @dataclass
@@ -122,10 +133,11 @@ class LosslessConfig:
 
     blocks: str | None = None
     lossless: bool = True
+    compile: bool = False
 
     @property
     def tag(self) -> str:
-        return "lossless"
+        return ("lossless" if self.lossless else "every_step") + ("+compile" if self.compile else "")
 
 
 @dataclass
@@ -228,7 +240,8 @@ def accelerate(policy, config) -> "Acceleration":
     ctx = StepContext(policy.sampler.num_steps)
     modules = dict(policy.model.named_modules())
     hooks = [
-        BlockHook(modules[b.name], b, plan.schedule.mask(b.name), Forecaster(plan.order, plan.differences), ctx)
+        BlockHook(modules[b.name], b, plan.schedule.mask(b.name), Forecaster(plan.order, plan.differences), ctx,
+                  compile=config.compile)
         for b in blocks
     ]
     lossless_before = getattr(policy, "precompute_condition", None)

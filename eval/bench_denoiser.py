@@ -1,0 +1,119 @@
+"""Micro-benchmark of one chunk (observation history in -> actions out) at batch 1, per method.
+
+    python eval/bench_denoiser.py checkpoint=checkpoints/lift_dp_t
+    python eval/bench_denoiser.py checkpoint=... 'methods=[uncached,every_step,bac10,compile,compile+bac10]'
+
+One process, the same observation histories (from the checkpoint's demo dataset) and the same noise
+for every method. Methods are timed in interleaved rounds (each round times `repeats` chunks of every
+method) so that a slow period on a shared machine hits all of them alike. Prints per method: median
+chunk latency, speedup over uncached, FLOP ratio (counted by torch's FlopCounterMode on the chunk),
+and achieved / ideal = speedup x FLOP ratio (1.0 = the time saved matches the FLOPs saved).
+"""
+
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python eval/bench_denoiser.py` from the root
+
+import policy_accel as pa  # noqa: E402
+from eval.methods import apply_method, parse_method  # noqa: E402
+from policy_accel.cache.calibrate import demo_observations  # noqa: E402
+from policy_accel.cli import load_config  # noqa: E402
+
+
+@dataclass
+class BenchConfig:
+    checkpoint: str = "checkpoints/lift_dp_t"
+    methods: list[str] = field(default_factory=lambda: [
+        "uncached", "every_step", "lossless", "ddim10", "uniform10", "taylorseer10o2", "bac10", "bac_taylor10o2"])
+    observations: int = 8  # distinct observation histories, cycled
+    rounds: int = 5
+    repeats: int = 4  # chunks per method per round
+    warmup: int = 2  # untimed chunks per method after applying it (compile happens here)
+    num_threads: int = 1
+    device: str = "cpu"
+    out: str | None = None  # JSON results; default eval/results/bench_<policy>.json
+
+    def __post_init__(self):
+        for name in ("observations", "rounds", "repeats", "num_threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for spec in self.methods:
+            parse_method(spec)
+
+
+def time_chunks(policy, histories, noises, count: int, offset: int) -> list[float]:
+    times = []
+    for i in range(offset, offset + count):
+        h, noise = histories[i % len(histories)], noises[i % len(noises)]
+        start = time.perf_counter()
+        policy.predict_action_chunk(h, noise)  # numpy out: synchronised on a GPU too
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def bench(cfg: BenchConfig) -> dict:
+    torch.set_num_threads(cfg.num_threads)
+    policy = pa.load_policy(cfg.checkpoint, device=cfg.device)
+    native, pc = policy.config.sampler, policy.config
+    dataset = policy.config.info.get("dataset")
+    if not dataset or not Path(dataset).exists():
+        raise SystemExit(f"{cfg.checkpoint}: its demo dataset {dataset!r} is not here; collect it first "
+                         f"(see the checkpoint's card.md)")
+    histories = [h[None] for h in demo_observations(dataset, cfg.observations, pc.n_obs_steps)]
+    gen = torch.Generator().manual_seed(0)
+    noises = [torch.randn(1, pc.horizon, pc.action_dim, generator=gen) for _ in histories]
+    methods = [parse_method(m) for m in cfg.methods]
+    times: dict[str, list[float]] = {m.spec: [] for m in methods}
+    flops: dict[str, int] = {}
+    with tqdm(total=cfg.rounds * len(methods), desc="bench", unit="method") as bar:
+        for r in range(cfg.rounds):
+            for m in methods:
+                remover = apply_method(policy, m, cfg.checkpoint, native)
+                if r == 0:
+                    time_chunks(policy, histories, noises, cfg.warmup, 0)
+                    flops[m.spec] = pa.chunk_flops(policy, histories[0])
+                times[m.spec] += time_chunks(policy, histories, noises, cfg.repeats, r * cfg.repeats)
+                if remover:
+                    remover.remove()
+                bar.update(1)
+    base = "uncached" if "uncached" in times else methods[0].spec
+    base_ms = 1e3 * float(np.median(times[base]))
+    rows = []
+    for m in methods:
+        ms = 1e3 * float(np.median(times[m.spec]))
+        speedup, flop_ratio = base_ms / ms, flops[m.spec] / flops[base]
+        rows.append({"method": m.name, "setting": m.spec, "latency_ms_p50": ms,
+                     "latency_ms_p95": 1e3 * float(np.percentile(times[m.spec], 95)), "speedup": speedup,
+                     "flops_ratio": flop_ratio, "achieved_over_ideal": speedup * flop_ratio,
+                     "chunks_timed": len(times[m.spec])})
+    return {"checkpoint": cfg.checkpoint, "baseline": base, "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "config": asdict(cfg), "results": rows}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = load_config(BenchConfig, sys.argv[1:] if argv is None else argv, None)
+    result = bench(cfg)
+    print(f"{cfg.checkpoint}: batch 1, {result['threads']} thread(s), torch {result['torch']}; "
+          f"median of {cfg.rounds * cfg.repeats} chunks per method, interleaved")
+    head = f"{'method':<24}{'ms/chunk':>10}{'speedup':>9}{'FLOPs':>8}{'achieved/ideal':>16}"
+    print(head + "\n" + "-" * len(head))
+    for r in result["results"]:
+        print(f"{r['setting']:<24}{r['latency_ms_p50']:>10.1f}{r['speedup']:>9.2f}{r['flops_ratio']:>8.3f}"
+              f"{r['achieved_over_ideal']:>16.2f}")
+    out = Path(cfg.out or f"eval/results/bench_{Path(cfg.checkpoint).name}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
