@@ -49,7 +49,7 @@ class BenchConfig:
             parse_method(spec)
 
 
-def time_chunks(policy, histories, noises, count: int, offset: int) -> list[float]:
+def time_chunks(policy, histories, noises, count: int, offset: int = 0) -> list[float]:
     times = []
     for i in range(offset, offset + count):
         h, noise = histories[i % len(histories)], noises[i % len(noises)]
@@ -59,31 +59,40 @@ def time_chunks(policy, histories, noises, count: int, offset: int) -> list[floa
     return times
 
 
+def time_methods(policy, methods: list, checkpoint, histories: list[np.ndarray], rounds: int, repeats: int,
+                 warmup: int, progress: bool = True) -> tuple[dict, dict]:
+    """Interleaved batch-1 timing: per method spec, chunk seconds (rounds x repeats) and FLOPs per chunk.
+    `histories` are (1, n_obs_steps, obs_dim); every method sees the same histories and noise."""
+    pc, native = policy.config, policy.config.sampler
+    gen = torch.Generator().manual_seed(0)
+    noises = [torch.randn(1, pc.horizon, pc.action_dim, generator=gen) for _ in histories]
+    times: dict[str, list[float]] = {m.spec: [] for m in methods}
+    flops: dict[str, int] = {}
+    with tqdm(total=rounds * len(methods), desc="latency", unit="method", disable=not progress) as bar:
+        for r in range(rounds):
+            for m in methods:
+                remover = apply_method(policy, m, checkpoint, native)
+                if r == 0:
+                    time_chunks(policy, histories, noises, warmup)  # compile happens here
+                    flops[m.spec] = pa.chunk_flops(policy, histories[0])
+                times[m.spec] += time_chunks(policy, histories, noises, repeats, r * repeats)
+                if remover:
+                    remover.remove()
+                bar.update(1)
+    return times, flops
+
+
 def bench(cfg: BenchConfig) -> dict:
     torch.set_num_threads(cfg.num_threads)
     policy = pa.load_policy(cfg.checkpoint, device=cfg.device)
-    native, pc = policy.config.sampler, policy.config
+    pc = policy.config
     dataset = policy.config.info.get("dataset")
     if not dataset or not Path(dataset).exists():
         raise SystemExit(f"{cfg.checkpoint}: its demo dataset {dataset!r} is not here; collect it first "
                          f"(see the checkpoint's card.md)")
     histories = [h[None] for h in demo_observations(dataset, cfg.observations, pc.n_obs_steps)]
-    gen = torch.Generator().manual_seed(0)
-    noises = [torch.randn(1, pc.horizon, pc.action_dim, generator=gen) for _ in histories]
     methods = [parse_method(m) for m in cfg.methods]
-    times: dict[str, list[float]] = {m.spec: [] for m in methods}
-    flops: dict[str, int] = {}
-    with tqdm(total=cfg.rounds * len(methods), desc="bench", unit="method") as bar:
-        for r in range(cfg.rounds):
-            for m in methods:
-                remover = apply_method(policy, m, cfg.checkpoint, native)
-                if r == 0:
-                    time_chunks(policy, histories, noises, cfg.warmup, 0)
-                    flops[m.spec] = pa.chunk_flops(policy, histories[0])
-                times[m.spec] += time_chunks(policy, histories, noises, cfg.repeats, r * cfg.repeats)
-                if remover:
-                    remover.remove()
-                bar.update(1)
+    times, flops = time_methods(policy, methods, cfg.checkpoint, histories, cfg.rounds, cfg.repeats, cfg.warmup)
     base = "uncached" if "uncached" in times else methods[0].spec
     base_ms = 1e3 * float(np.median(times[base]))
     rows = []

@@ -6,8 +6,9 @@
 Every method runs on the same test seeds (`seed`, `seed + 1`, ...; demos use seeds from 0). Success:
 episodes run in lockstep batches of up to `num_envs` (a gymnasium SyncVectorEnv, batched inference),
 success = task success at any step. Latency: one chunk at batch 1 (observation history in -> actions
-out) on the same recorded observations for every method, timed one method after another in this
-process. Method strings are listed in eval/methods.py. Prints a table; writes a JSON summary.
+out) on the same recorded observations and noise for every method, timed in interleaved rounds in
+this process (eval/bench_denoiser.time_methods). Method strings are listed in eval/methods.py.
+Prints a table; writes a JSON summary.
 """
 
 import json
@@ -27,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python eval/rol
 
 import envs  # noqa: E402
 import policy_accel as pa  # noqa: E402
+from eval.bench_denoiser import time_methods  # noqa: E402
 from eval.methods import apply_method, parse_method  # noqa: E402
 from policy_accel.cli import load_config  # noqa: E402
 
@@ -38,15 +40,16 @@ class RolloutConfig:
     episodes: int = 50
     seed: int = 100000  # first test seed
     num_envs: int = 25  # envs stepped in lockstep (batched inference)
-    latency_chunks: int = 30  # timed chunks per method at batch 1
-    latency_warmup: int = 3
+    latency_rounds: int = 5  # batch-1 timing in interleaved rounds over the methods ...
+    latency_repeats: int = 6  # ... of this many chunks each (rounds x repeats chunks per method)
+    latency_warmup: int = 2
     num_threads: int = 1  # torch threads (2 did not help DP-T at batch 1 on this machine)
     device: str = "cpu"
     out: str | None = None  # default eval/results/rollout_<task>.json
     progress: bool = True
 
     def __post_init__(self):
-        for name in ("episodes", "num_envs", "latency_chunks", "num_threads"):
+        for name in ("episodes", "num_envs", "latency_rounds", "latency_repeats", "num_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.methods:
@@ -107,18 +110,6 @@ def run_success(policy, venv, seeds: list[int], desc: str, progress: bool, recor
     return wins
 
 
-def measure_latency(policy, histories: list[np.ndarray], chunks: int, warmup: int) -> np.ndarray:
-    """Seconds per chunk at batch 1, cycling through the recorded histories."""
-    times = []
-    for i in range(warmup + chunks):
-        h = histories[i % len(histories)][None]
-        start = time.perf_counter()
-        policy.predict_action_chunk(h)  # returns numpy, so a GPU run is synchronised here
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return np.array(times)
-
-
 def machine() -> dict:
     return {"host": platform.node(), "cpu": platform.processor() or platform.machine(),
             "torch": torch.__version__, "threads": torch.get_num_threads()}
@@ -152,18 +143,16 @@ def evaluate(cfg: RolloutConfig) -> dict:
                      "failed_seeds": sorted(set(seeds) - set(wins)), "success_wall_s": time.perf_counter() - start})
     venv.close()
 
-    histories = recorded[:: max(1, len(recorded) // cfg.latency_chunks)][:cfg.latency_chunks]
-    flops = {}
-    for row, method in zip(rows, tqdm(methods, desc="latency", disable=not cfg.progress, leave=False), strict=True):
-        remover = apply_method(policy, method, cfg.checkpoint, native)
-        times = measure_latency(policy, histories, cfg.latency_chunks, cfg.latency_warmup) * 1e3
-        flops[method.spec] = pa.chunk_flops(policy, histories[0][None])
-        if remover:
-            remover.remove()
-        p50 = float(np.median(times))
-        row.update(latency_ms_p50=p50, latency_ms_p95=float(np.percentile(times, 95)),
-                   latency_ms_p99=float(np.percentile(times, 99)), latency_ms_max=float(times.max()),
-                   control_hz=policy.config.n_action_steps / (p50 / 1e3), latency_chunks=len(times))
+    n_hist = cfg.latency_rounds * cfg.latency_repeats
+    histories = [h[None] for h in recorded[:: max(1, len(recorded) // n_hist)][:n_hist]]
+    times, flops = time_methods(policy, methods, cfg.checkpoint, histories, cfg.latency_rounds,
+                                cfg.latency_repeats, cfg.latency_warmup, cfg.progress)
+    for row, method in zip(rows, methods, strict=True):
+        ms = 1e3 * np.array(times[method.spec])
+        p50 = float(np.median(ms))
+        row.update(latency_ms_p50=p50, latency_ms_p95=float(np.percentile(ms, 95)),
+                   latency_ms_p99=float(np.percentile(ms, 99)), latency_ms_max=float(ms.max()),
+                   control_hz=policy.config.n_action_steps / (p50 / 1e3), latency_chunks=len(ms))
     base = next((r for r in rows if r["method"] == "uncached"), None)
     for row in rows:
         row["speedup"] = base["latency_ms_p50"] / row["latency_ms_p50"] if base else None

@@ -84,7 +84,7 @@ def test_method_strings_parse_and_reject_typos():
 def test_rollout_end_to_end_on_push2d_writes_summary(tmp_path):
     ckpt = tiny_checkpoint(tmp_path / "push2d_tiny")
     out = tmp_path / "summary.json"
-    summary = rollout.main([f"checkpoint={ckpt}", "episodes=5", "num_envs=3", "latency_chunks=3",
+    summary = rollout.main([f"checkpoint={ckpt}", "episodes=5", "num_envs=3", "latency_rounds=2", "latency_repeats=2",
                             "methods=[uncached,ddim5,lossless,uniform4,taylorseer3o1]", f"out={out}",
                             "progress=false"])
     assert json.loads(out.read_text()) == summary
