@@ -115,50 +115,72 @@ def machine() -> dict:
             "torch": torch.__version__, "threads": torch.get_num_threads()}
 
 
+def success_row(policy, venv, method, seeds: list[int], checkpoint, progress: bool = False,
+                record: list | None = None) -> dict:
+    """Apply `method`, run `seeds`, take the method off; the result row's success fields."""
+    remover = apply_method(policy, method, checkpoint, policy.config.sampler)
+    start = time.perf_counter()
+    try:
+        wins = run_success(policy, venv, seeds, method.spec, progress, record)
+    finally:
+        if remover:
+            remover.remove()
+    low, high = wilson_interval(len(wins), len(seeds))
+    return {"policy": Path(checkpoint).name, "task": venv.envs[0].unwrapped.name, "method": method.name,
+            "setting": method.spec, "n_episodes": len(seeds), "successes": len(wins),
+            "success_rate": len(wins) / len(seeds), "ci_low": low, "ci_high": high,
+            "failed_seeds": sorted(set(seeds) - set(wins)), "success_wall_s": time.perf_counter() - start}
+
+
+def latency_fields(policy, methods: list, checkpoint, histories: list[np.ndarray], rounds: int, repeats: int,
+                   warmup: int, progress: bool = False) -> dict[str, dict]:
+    """Per method spec: batch-1 latency percentiles (ms), control frequency and FLOPs per chunk."""
+    times, flops = time_methods(policy, methods, checkpoint, histories, rounds, repeats, warmup, progress)
+    out = {}
+    for m in methods:
+        ms = 1e3 * np.array(times[m.spec])
+        p50 = float(np.median(ms))
+        out[m.spec] = dict(latency_ms_p50=p50, latency_ms_p95=float(np.percentile(ms, 95)),
+                           latency_ms_p99=float(np.percentile(ms, 99)), latency_ms_max=float(ms.max()),
+                           control_hz=policy.config.n_action_steps / (p50 / 1e3), latency_chunks=len(ms),
+                           flops_per_chunk=flops[m.spec])
+    return out
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """speedup and flops_ratio relative to the uncached row of the same run (None without one)."""
+    base = next((r for r in rows if r["setting"] == "uncached"), None)
+    for r in rows:
+        r["speedup"] = base["latency_ms_p50"] / r["latency_ms_p50"] if base else None
+        r["flops_ratio"] = r["flops_per_chunk"] / base["flops_per_chunk"] if base else None
+
+
+def pick_histories(recorded: list[np.ndarray], n: int) -> list[np.ndarray]:
+    """n recorded histories spread over the recording, each shaped (1, n_obs_steps, obs_dim)."""
+    return [h[None] for h in recorded[:: max(1, len(recorded) // n)][:n]]
+
+
 def evaluate(cfg: RolloutConfig) -> dict:
     torch.set_num_threads(cfg.num_threads)
     policy = pa.load_policy(cfg.checkpoint, device=cfg.device)
-    info, native = policy.config.info, policy.config.sampler
-    spec = info.get("env_spec")
+    spec = policy.config.info.get("env_spec")
     if not spec:
         raise ValueError(f"{cfg.checkpoint}: config.json has no info.env_spec; cannot tell which env to run")
-    task = spec["name"]
     methods = [parse_method(m) for m in cfg.methods]
     seeds = list(range(cfg.seed, cfg.seed + cfg.episodes))
     n_batches = math.ceil(cfg.episodes / cfg.num_envs)
     venv = make_vector_env(spec, math.ceil(cfg.episodes / n_batches))
-
     recorded: list[np.ndarray] = []
-    rows = []
-    for i, method in enumerate(methods):
-        remover = apply_method(policy, method, cfg.checkpoint, native)
-        start = time.perf_counter()
-        wins = run_success(policy, venv, seeds, f"{task} {method.spec}", cfg.progress, recorded if i == 0 else None)
-        if remover:
-            remover.remove()
-        low, high = wilson_interval(len(wins), len(seeds))
-        rows.append({"policy": Path(cfg.checkpoint).name, "task": task, "method": method.name,
-                     "setting": method.spec, "n_episodes": len(seeds), "successes": len(wins),
-                     "success_rate": len(wins) / len(seeds), "ci_low": low, "ci_high": high,
-                     "failed_seeds": sorted(set(seeds) - set(wins)), "success_wall_s": time.perf_counter() - start})
+    rows = [success_row(policy, venv, m, seeds, cfg.checkpoint, cfg.progress, recorded if i == 0 else None)
+            for i, m in enumerate(methods)]
     venv.close()
-
-    n_hist = cfg.latency_rounds * cfg.latency_repeats
-    histories = [h[None] for h in recorded[:: max(1, len(recorded) // n_hist)][:n_hist]]
-    times, flops = time_methods(policy, methods, cfg.checkpoint, histories, cfg.latency_rounds,
-                                cfg.latency_repeats, cfg.latency_warmup, cfg.progress)
-    for row, method in zip(rows, methods, strict=True):
-        ms = 1e3 * np.array(times[method.spec])
-        p50 = float(np.median(ms))
-        row.update(latency_ms_p50=p50, latency_ms_p95=float(np.percentile(ms, 95)),
-                   latency_ms_p99=float(np.percentile(ms, 99)), latency_ms_max=float(ms.max()),
-                   control_hz=policy.config.n_action_steps / (p50 / 1e3), latency_chunks=len(ms))
-    base = next((r for r in rows if r["method"] == "uncached"), None)
+    histories = pick_histories(recorded, cfg.latency_rounds * cfg.latency_repeats)
+    latency = latency_fields(policy, methods, cfg.checkpoint, histories, cfg.latency_rounds, cfg.latency_repeats,
+                             cfg.latency_warmup, cfg.progress)
     for row in rows:
-        row["speedup"] = base["latency_ms_p50"] / row["latency_ms_p50"] if base else None
-        row["flops_ratio"] = flops[row["setting"]] / flops[base["setting"]] if base else None
-        row["gflops_per_chunk"] = flops[row["setting"]] / 1e9
-    return {"checkpoint": cfg.checkpoint, "checkpoint_hash": policy.checkpoint_hash, "task": task,
+        row.update(latency[row["setting"]])
+    add_ratios(rows)
+    return {"checkpoint": cfg.checkpoint, "checkpoint_hash": policy.checkpoint_hash, "task": spec["name"],
             "seeds": [seeds[0], seeds[-1]], "machine": machine(), "config": asdict(cfg), "results": rows}
 
 

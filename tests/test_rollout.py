@@ -144,3 +144,39 @@ def test_calibrate_cli_writes_schedules_that_methods_load(tmp_path):
     assert 0.2 < rows["bac4nb"]["flops_ratio"] < 0.35
     for r in rows.values():
         assert r["achieved_over_ideal"] == pytest.approx(r["speedup"] * r["flops_ratio"])
+
+
+SUMMARY_FIELDS = {"policy", "task", "method", "setting", "n_episodes", "successes", "success_rate", "ci_low",
+                  "ci_high", "latency_ms_p50", "latency_ms_p95", "latency_ms_p99", "speedup", "flops_ratio"}
+
+
+def test_sweep_end_to_end_on_ray_is_resumable_and_writes_schema(tmp_path, capsys):
+    from eval import report, sweep
+
+    ckpt = tiny_checkpoint(tmp_path / "push2d_tiny")
+    args = [f"checkpoint={ckpt}", "episodes=4", "shards=2", "num_envs=2", "num_cpus=2", "latency_rounds=1",
+            "latency_repeats=2", f"results_dir={tmp_path / 'results'}"]
+    rows = sweep.main(args + ["methods=[uncached,ddim5,taylorseer4o1]"])
+    summary = tmp_path / "results" / "summary.jsonl"
+    lines = [json.loads(x) for x in summary.read_text().splitlines()]
+    assert lines == rows and [r["setting"] for r in rows] == ["uncached", "ddim5", "taylorseer4o1"]
+    for r in rows:
+        assert SUMMARY_FIELDS <= set(r) and r["n_episodes"] == 4 and r["task"] == "push2d"
+        assert r["method"] == parse_method(r["setting"]).name
+    assert rows[0]["speedup"] == 1.0 and rows[1]["flops_ratio"] == pytest.approx(0.25, rel=0.02)
+    assert (tmp_path / "results" / "pareto_push2d.png").stat().st_size > 10_000
+
+    shard_files = sorted((tmp_path / "results" / "runs" / "push2d_tiny" / "success").glob("*.json"))
+    assert len(shard_files) == 6
+    stamps = {p: p.stat().st_mtime_ns for p in shard_files}
+    capsys.readouterr()
+    again = sweep.main(args + ["methods=[uncached,ddim5,taylorseer4o1]", "plot=false"])
+    assert "every point is done" in capsys.readouterr().out
+    assert again == rows and all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+
+    # a new setting runs only its own shards (and re-times all methods together); other rows are kept
+    sweep.main(args + ["methods=[uncached,uniform4]", "plot=false"])
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+    settings = [json.loads(x)["setting"] for x in summary.read_text().splitlines()]
+    assert sorted(settings) == ["ddim5", "taylorseer4o1", "uncached", "uniform4"]
+    assert "| push2d | uncached |" in report.headline_table([json.loads(x) for x in summary.read_text().splitlines()])

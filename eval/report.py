@@ -1,0 +1,119 @@
+"""Pareto plots and the README table from eval/results/summary.jsonl.
+
+    python eval/report.py                      # one PNG per task: eval/results/pareto_<task>.png
+    python eval/report.py table=true           # also print the markdown table of headline rows
+
+Each point is one (policy, method setting): success rate with its 95% Wilson CI against batch-1 chunk
+latency (log scale). Plain step reduction (uncached DDPM-100 and DDIM-K) is drawn as a line: the
+frontier a caching method has to beat.
+"""
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python eval/report.py` from the repo root
+
+from policy_accel.cli import load_config  # noqa: E402
+
+FAMILY_STYLE = {  # method family -> (colour, marker)
+    "uncached": ("black", "s"), "ddim": ("black", "o"), "lossless": ("grey", "D"),
+    "uniform": ("tab:orange", "v"), "taylorseer": ("tab:green", "^"), "bac": ("tab:blue", "<"),
+    "bac_taylor": ("tab:red", "*"), "diffusers_taylorseer": ("tab:purple", "P"), "every_step": ("grey", "x"),
+}
+
+
+def load_rows(summary) -> list[dict]:
+    path = Path(summary)
+    if not path.exists():
+        raise FileNotFoundError(f"no results at {path}; run eval/sweep.py first")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def frontier(rows: list[dict]) -> list[dict]:
+    """Uncached + DDIM-K rows sorted by latency."""
+    return sorted((r for r in rows if r["method"] in ("uncached", "ddim")), key=lambda r: r["latency_ms_p50"])
+
+
+def plot_task(summary, task: str, out_dir) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in load_rows(summary) if r["task"] == task]
+    if not rows:
+        raise ValueError(f"no rows for task {task!r} in {summary}")
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    line = frontier(rows)
+    if line:
+        ax.plot([r["latency_ms_p50"] for r in line], [r["success_rate"] for r in line], "-", color="black",
+                alpha=0.6, label="step reduction (DDPM-100 / DDIM-K)", zorder=1)
+    seen = set()
+    for r in rows:
+        family = r["method"].removeprefix("compile+")
+        colour, marker = FAMILY_STYLE.get(family, ("tab:brown", "X"))
+        label = r["method"] if r["method"] not in seen else None
+        seen.add(r["method"])
+        filled = "@" not in r["setting"] and not r["method"].startswith("compile")
+        y, err = r["success_rate"], [[r["success_rate"] - r["ci_low"]], [r["ci_high"] - r["success_rate"]]]
+        ax.errorbar(r["latency_ms_p50"], y, yerr=err, fmt=marker, color=colour, ecolor=colour, alpha=0.8,
+                    markerfacecolor=colour if filled else "white", capsize=2, label=label, zorder=2)
+        ax.annotate(r["setting"], (r["latency_ms_p50"], y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("chunk latency at batch 1, median (ms, log scale)")
+    ax.set_ylabel("success rate (95% Wilson CI)")
+    n = max(r["n_episodes"] for r in rows)
+    ax.set_title(f"{task}: success vs control-loop latency ({rows[0]['policy']}, {n} episodes per point)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="lower right", title="open markers: on DDIM-K or compiled", title_fontsize=7)
+    out = Path(out_dir) / f"pareto_{task}.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out, dpi=130)
+    plt.close(fig)
+    return out
+
+
+def headline_table(rows: list[dict]) -> str:
+    """Per task: uncached, then per family its fastest setting whose success is inside the uncached CI
+    (or, when none is, its most successful one)."""
+    lines = ["| task | setting | success (95% CI) | p50 ms | speedup | FLOPs |", "|---|---|---|---|---|---|"]
+    for task in sorted({r["task"] for r in rows}):
+        mine = [r for r in rows if r["task"] == task]
+        base = next((r for r in mine if r["setting"] == "uncached"), None)
+        picks = [base] if base else []
+        for family in ("ddim", "uniform", "taylorseer", "bac", "bac_taylor", "diffusers_taylorseer", "compile+bac",
+                       "compile+bac_taylor"):
+            fam = [r for r in mine if r["method"] == family]
+            if fam and base:
+                ok = [r for r in fam if r["success_rate"] >= base["ci_low"]]
+                picks.append(min(ok, key=lambda r: r["latency_ms_p50"]) if ok
+                             else max(fam, key=lambda r: (r["success_rate"], -r["latency_ms_p50"])))
+        for r in picks:
+            lines.append(f"| {task} | {r['setting']} | {r['successes']}/{r['n_episodes']} "
+                         f"[{r['ci_low']:.2f}, {r['ci_high']:.2f}] | {r['latency_ms_p50']:.0f} | "
+                         f"{r['speedup']:.1f}x | {r['flops_ratio']:.2f} |")
+    return "\n".join(lines)
+
+
+@dataclass
+class ReportConfig:
+    summary: str = "eval/results/summary.jsonl"
+    out_dir: str = "eval/results"
+    table: bool = False
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = load_config(ReportConfig, sys.argv[1:] if argv is None else argv, None)
+    rows = load_rows(cfg.summary)
+    for task in sorted({r["task"] for r in rows}):
+        print(f"wrote {plot_task(cfg.summary, task, cfg.out_dir)}")
+    if cfg.table:
+        print(headline_table(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""The full benchmark for one policy: every method of configs/sweep.yaml on the same test seeds,
+parallel on Ray, resumable, merged into eval/results/summary.jsonl and plotted by eval/report.py.
+
+    python eval/sweep.py checkpoint=checkpoints/lift_dp_t                 # local Ray on all cores
+    python eval/sweep.py checkpoint=... ray_address=ray://head:10001       # the same on a cluster
+    python eval/sweep.py checkpoint=... 'methods=[uncached,ddim10,bac10]' episodes=20
+
+Success: one Ray task per (method, seed shard), each a lockstep vector-env rollout (eval/rollout.py);
+a finished shard is a JSON file under <results_dir>/runs/<policy>/success/ and is never recomputed.
+Latency: after all success tasks, one Ray task that reserves every CPU of its node (so it runs on an
+otherwise idle worker) times every method at batch 1 in interleaved rounds, on observation histories
+recorded by the first method's first shard; it records the host that timed it. It is redone only
+when the method list changes, since speedups must come from one process run.
+"""
+
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python eval/sweep.py` from the repo root
+
+from eval.methods import parse_method  # noqa: E402
+from policy_accel.cli import load_config  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class SweepConfig:
+    checkpoint: str = "checkpoints/lift_dp_t"
+    methods: list[str] = field(default_factory=lambda: ["uncached", "ddim10"])  # configs/sweep.yaml: full list
+    episodes: int = 100
+    seed: int = 100000
+    shards: int = 4  # seed shards per method (Ray tasks); episodes / shards ideally a multiple of num_envs
+    num_envs: int = 25
+    latency_rounds: int = 5
+    latency_repeats: int = 6
+    latency_warmup: int = 2
+    results_dir: str = "eval/results"
+    ray_address: str | None = None  # None: start Ray locally; "auto" or "ray://host:port": join a cluster
+    num_cpus: int | None = None  # local Ray only; default all cores
+    plot: bool = True
+
+    def __post_init__(self):
+        for name in ("episodes", "shards", "num_envs", "latency_rounds", "latency_repeats"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.shards > self.episodes:
+            raise ValueError(f"shards={self.shards} > episodes={self.episodes}")
+        specs = [parse_method(m).spec for m in self.methods]
+        if len(set(specs)) != len(specs):
+            raise ValueError(f"methods lists a setting twice: {specs}")
+
+
+def shard_seeds(cfg: SweepConfig) -> list[list[int]]:
+    size = math.ceil(cfg.episodes / cfg.shards)
+    seeds = list(range(cfg.seed, cfg.seed + cfg.episodes))
+    return [seeds[i:i + size] for i in range(0, len(seeds), size)]
+
+
+def success_task(checkpoint: str, spec: str, seeds: list[int], num_envs: int, record: bool) -> dict:
+    """One shard of one method (runs in a Ray worker, one thread)."""
+    import platform
+
+    import torch
+
+    import policy_accel as pa
+    from eval.rollout import make_vector_env, success_row
+
+    torch.set_num_threads(1)
+    policy = pa.load_policy(checkpoint)
+    venv = make_vector_env(policy.config.info["env_spec"], min(num_envs, len(seeds)))
+    recorded: list[np.ndarray] = []
+    row = success_row(policy, venv, parse_method(spec), seeds, checkpoint, record=recorded if record else None)
+    venv.close()
+    row["host"] = platform.node()
+    return {"row": row, "histories": np.stack(recorded).tolist() if record else None}
+
+
+def latency_task(checkpoint: str, specs: list[str], histories: list, rounds: int, repeats: int, warmup: int) -> dict:
+    """Batch-1 latency of every method in one process (runs alone on its node)."""
+    import torch
+
+    import policy_accel as pa
+    from eval.rollout import latency_fields, machine
+
+    torch.set_num_threads(1)
+    policy = pa.load_policy(checkpoint)
+    hist = [np.asarray(h, np.float32)[None] for h in histories]
+    fields = latency_fields(policy, [parse_method(s) for s in specs], checkpoint, hist, rounds, repeats, warmup)
+    return {"specs": specs, "fields": fields, "machine": machine()}
+
+
+def _init_ray(cfg: SweepConfig):
+    import ray
+
+    if cfg.ray_address:  # a cluster: ship the code (not the venv, data or results) to the workers
+        runtime_env = {"working_dir": str(REPO), "excludes": [".venv", "data", "runs", ".git", "eval/results"]}
+        ray.init(address=cfg.ray_address, runtime_env=runtime_env)
+    else:
+        ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}})
+    return ray
+
+
+def check_run_dir(cfg: SweepConfig, run_dir: Path) -> None:
+    """Finished shards are reused only for the same checkpoint weights and batching."""
+    from policy_accel.policy import load_policy
+
+    meta = {"checkpoint_hash": load_policy(cfg.checkpoint).checkpoint_hash, "num_envs": cfg.num_envs}
+    path = run_dir / "meta.json"
+    if path.exists():
+        old = {k: v for k, v in json.loads(path.read_text()).items() if k in meta}
+        if old != meta:
+            raise SystemExit(f"{run_dir} holds results for {old}, not {meta} (another checkpoint or num_envs); "
+                             f"delete it or pass another results_dir")
+    path.write_text(json.dumps({**meta, "config": asdict(cfg)}, indent=1) + "\n")
+
+
+def run_sweep(cfg: SweepConfig) -> list[dict]:
+    from tqdm import tqdm
+
+    policy_name = Path(cfg.checkpoint).name
+    run_dir = Path(cfg.results_dir) / "runs" / policy_name
+    (run_dir / "success").mkdir(parents=True, exist_ok=True)
+    check_run_dir(cfg, run_dir)
+    shards = shard_seeds(cfg)
+    todo = []
+    for spec in cfg.methods:
+        for i, seeds in enumerate(shards):
+            path = run_dir / "success" / f"{spec}__{seeds[0]}-{seeds[-1]}.json"
+            if not path.exists():
+                todo.append((spec, seeds, path, spec == cfg.methods[0] and i == 0))
+    hist_path = run_dir / "latency_histories.npy"
+    lat_path = run_dir / "latency.json"
+    lat = json.loads(lat_path.read_text()) if lat_path.exists() else None
+    need_latency = lat is None or lat["specs"] != list(cfg.methods)
+    if not todo and not need_latency:
+        print(f"{policy_name}: every point is done; merging")
+    else:
+        ray = _init_ray(cfg)
+        task = ray.remote(num_cpus=1)(success_task)
+        pending = {task.remote(cfg.checkpoint, spec, seeds, cfg.num_envs, rec): (spec, path)
+                   for spec, seeds, path, rec in todo}
+        with tqdm(total=len(pending), desc=f"{policy_name} success shards", unit="shard") as bar:
+            while pending:
+                done, _ = ray.wait(list(pending), num_returns=1)
+                spec, path = pending.pop(done[0])
+                result = ray.get(done[0])
+                if result["histories"] is not None:
+                    np.save(hist_path, np.asarray(result["histories"], np.float32))
+                path.write_text(json.dumps(result["row"]) + "\n")
+                bar.set_postfix(last=f"{spec} {result['row']['successes']}/{result['row']['n_episodes']}")
+                bar.update(1)
+        if need_latency:
+            node_cpus = int(min(n["Resources"].get("CPU", 1) for n in ray.nodes() if n["Alive"]))
+            n_hist = cfg.latency_rounds * cfg.latency_repeats
+            recorded = np.load(hist_path)
+            histories = recorded[:: max(1, len(recorded) // n_hist)][:n_hist].tolist()
+            print(f"{policy_name}: timing {len(cfg.methods)} methods at batch 1 (alone on a node, {node_cpus} CPUs)")
+            ref = ray.remote(num_cpus=node_cpus)(latency_task).remote(
+                cfg.checkpoint, list(cfg.methods), histories, cfg.latency_rounds, cfg.latency_repeats,
+                cfg.latency_warmup)
+            lat = ray.get(ref)
+            lat_path.write_text(json.dumps(lat, indent=1) + "\n")
+        ray.shutdown()
+    return merge(cfg, run_dir, shards, lat)
+
+
+def merge(cfg: SweepConfig, run_dir: Path, shards: list[list[int]], lat: dict) -> list[dict]:
+    from eval.rollout import add_ratios, wilson_interval
+
+    rows = []
+    for spec in cfg.methods:
+        parts = [json.loads((run_dir / "success" / f"{spec}__{s[0]}-{s[-1]}.json").read_text()) for s in shards]
+        n, k = sum(p["n_episodes"] for p in parts), sum(p["successes"] for p in parts)
+        low, high = wilson_interval(k, n)
+        row = {key: parts[0][key] for key in ("policy", "task", "method", "setting")}
+        row.update(n_episodes=n, successes=k, success_rate=k / n, ci_low=low, ci_high=high,
+                   failed_seeds=sorted(s for p in parts for s in p["failed_seeds"]),
+                   success_hosts=sorted({p["host"] for p in parts}), **lat["fields"][spec],
+                   latency_host=lat["machine"]["host"], latency_machine=lat["machine"])
+        rows.append(row)
+    add_ratios(rows)
+    summary = Path(cfg.results_dir) / "summary.jsonl"
+    keep = []
+    if summary.exists():  # rows of other policies, and settings of this one not in this sweep, stay
+        ours = {(r["policy"], r["setting"]) for r in rows}
+        keep = [json.loads(x) for x in summary.read_text().splitlines() if x.strip()]
+        keep = [r for r in keep if (r["policy"], r["setting"]) not in ours]
+    summary.write_text("".join(json.dumps(r) + "\n" for r in keep + rows))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    cfg = load_config(SweepConfig, sys.argv[1:] if argv is None else argv, "sweep.yaml")
+    rows = run_sweep(cfg)
+    from eval.rollout import format_table
+
+    print(format_table(rows))
+    print(f"wrote {Path(cfg.results_dir) / 'summary.jsonl'} ({len(rows)} rows for {Path(cfg.checkpoint).name})")
+    if cfg.plot:
+        from eval.report import plot_task
+
+        print(f"wrote {plot_task(Path(cfg.results_dir) / 'summary.jsonl', rows[0]['task'], cfg.results_dir)}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
