@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python eval/ben
 
 import policy_accel as pa  # noqa: E402
 from eval.methods import apply_method, parse_method  # noqa: E402
-from policy_accel.cache.calibrate import demo_observations  # noqa: E402
+from policy_accel.cache.calibration import demo_observations  # noqa: E402
 from policy_accel.cli import load_config  # noqa: E402
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import policy_accel as pa
-from policy_accel.cache.calibrate import schedule_name
+from policy_accel.cache.calibration import schedule_name
 from policy_accel.cache.peers import apply_diffusers_taylorseer
 from policy_accel.sampling import SamplerConfig
 

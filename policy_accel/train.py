@@ -22,6 +22,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -32,17 +33,6 @@ from policy_accel.policy import Policy, PolicyConfig
 from policy_accel.sampling import SamplerConfig
 
 STATE_FILE, LOG_FILE, CHECKPOINT_DIR = "last.pt", "log.jsonl", "checkpoint"
-
-
-@dataclass
-class ModelConfig:
-    n_layer: int = 8
-    n_head: int = 4
-    n_emb: int = 256
-    p_drop_emb: float = 0.0
-    p_drop_attn: float = 0.3
-    causal_attn: bool = True
-    n_cond_layers: int = 0
 
 
 @dataclass
@@ -72,11 +62,11 @@ class TrainConfig:
     sampler: str = "ddpm"  # the native sampler written into the checkpoint
     sampler_steps: int = 100
     num_train_steps: int = 100
-    model: ModelConfig = field(default_factory=ModelConfig)
+    # denoiser architecture: fields of the model's config (DPTransformerConfig), e.g. n_layer, n_emb,
+    # p_drop_attn; what is not given keeps that config's default. configs/train.yaml spells out the recipe.
+    model: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
-        if isinstance(self.model, dict):
-            self.model = ModelConfig(**self.model)
         for name in ("steps", "batch_size", "save_every", "log_every", "num_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -86,7 +76,7 @@ class TrainConfig:
     def policy_config(self, obs_dim: int, action_dim: int, info: dict) -> PolicyConfig:
         return PolicyConfig(obs_dim=obs_dim, action_dim=action_dim, horizon=self.horizon,
                             n_obs_steps=self.n_obs_steps, n_action_steps=self.n_action_steps,
-                            model=dataclasses.asdict(self.model),
+                            model=dict(self.model),
                             sampler=SamplerConfig(self.sampler, self.sampler_steps, self.num_train_steps), info=info)
 
 

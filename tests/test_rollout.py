@@ -11,7 +11,7 @@ import envs
 import policy_accel as pa
 from eval import bench_denoiser, rollout
 from eval.methods import apply_method, parse_method
-from policy_accel.cache.calibrate import run as calibrate_cli
+from policy_accel.cache.calibration import run as calibrate_cli
 from tests.test_train import write_zarr
 
 

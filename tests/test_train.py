@@ -10,7 +10,7 @@ import zarr
 import policy_accel as pa
 from policy_accel.cli import load_config
 from policy_accel.data import ReplayBuffer, SequenceDataset, sequence_indices
-from policy_accel.train import STATE_FILE, ModelConfig, TrainConfig, batch_indices, train
+from policy_accel.train import STATE_FILE, TrainConfig, batch_indices, train
 
 
 def write_zarr(path, obs, action, ends, attrs):
@@ -70,7 +70,7 @@ def tiny(dataset_path, out_dir, **kw):
     base = dict(env="toy", dataset=str(dataset_path), out_dir=str(out_dir), export_dir=None, steps=8, batch_size=16,
                 warmup_steps=2, save_every=4, log_every=2, num_threads=1, progress=False, device="cpu",
                 horizon=8, n_obs_steps=2, n_action_steps=4, sampler="ddim", sampler_steps=5,
-                model=ModelConfig(n_layer=1, n_head=2, n_emb=16))
+                model=dict(n_layer=1, n_head=2, n_emb=16))
     return TrainConfig(**{**base, **kw})
 
 
@@ -114,12 +114,15 @@ def test_resume_is_exact(dataset_path, tmp_path, monkeypatch):
         assert torch.equal(a, b)
     assert [json.loads(x)["step"] for x in (tmp_path / "split" / "log.jsonl").read_text().splitlines()] == [2, 4, 6, 8]
     with pytest.raises(ValueError, match="different policy/dataset config"):
-        train(tiny(dataset_path, tmp_path / "split", model=ModelConfig(n_layer=2, n_head=2, n_emb=16)))
+        train(tiny(dataset_path, tmp_path / "split", model=dict(n_layer=2, n_head=2, n_emb=16)))
 
 
 def test_cli_config_overrides():
     cfg = load_config(TrainConfig, ["env=can", "steps=5", "model.n_emb=64"], "train.yaml")
-    assert cfg.dataset == "data/can.zarr" and cfg.out_dir == "runs/can_dp_t" and cfg.model.n_emb == 64
+    assert cfg.dataset == "data/can.zarr" and cfg.out_dir == "runs/can_dp_t" and cfg.model["n_emb"] == 64
+    typo = load_config(TrainConfig, ["model.n_embd=64"], "train.yaml")
+    with pytest.raises(ValueError, match="n_embd"):
+        typo.policy_config(obs_dim=4, action_dim=2, info={})
     assert cfg.batch_size == 128 and cfg.betas == [0.9, 0.95] and cfg.ema_power == 0.75 and cfg.num_threads == 2
     with pytest.raises(SystemExit, match="not in 'TrainConfig'"):
         load_config(TrainConfig, ["nope=1"], "train.yaml")
@@ -151,7 +154,7 @@ def test_tiny_policy_trained_on_push2d_beats_random(tmp_path):
     cfg = TrainConfig(env="push2d", dataset=str(data), out_dir=str(tmp_path / "run"), export_dir=None, steps=300,
                       batch_size=64, lr=1e-3, warmup_steps=50, save_every=300, log_every=50, num_threads=1,
                       progress=False, device="cpu", sampler="ddim", sampler_steps=10,
-                      model=ModelConfig(n_layer=2, n_head=4, n_emb=64, p_drop_attn=0.0))
+                      model=dict(n_layer=2, n_head=4, n_emb=64, p_drop_attn=0.0))
     policy = pa.load_policy(train(cfg), precompute_condition=True)
     log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert log[-1]["loss"] < 0.5 * log[0]["loss"]

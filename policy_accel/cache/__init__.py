@@ -3,7 +3,7 @@
 Works on any denoiser whose sub-blocks it is told about (a name pattern); never imports models/.
 """
 
-from policy_accel.cache.calibrate import calibrate
+from policy_accel.cache.calibration import calibrate
 from policy_accel.cache.forecast import Forecaster
 from policy_accel.cache.hooks import find_blocks
 from policy_accel.cache.methods import (

@@ -196,7 +196,7 @@ def _bac_schedule(cfg: BACConfig, policy) -> Schedule:
             f"{type(cfg).__name__}(budget={cfg.budget}) needs calibration observations=[...] "
             "(or a schedule made by pa.calibrate)"
         )
-    from policy_accel.cache.calibrate import calibrate
+    from policy_accel.cache.calibration import calibrate
 
     return calibrate(policy, cfg.observations, budget=cfg.budget, bubble_blocks=cfg.bubble_blocks,
                      blocks=cfg.blocks)

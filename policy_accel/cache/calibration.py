@@ -1,0 +1,231 @@
+"""Profile every block's output at every denoising step over calibration observations and build
+BAC schedules from it.
+
+    sched = pa.calibrate(policy, observations, budget=10, bubble_blocks=5)
+    sched.save("checkpoints/lift_dp_t/schedules/bac_s10.json")
+
+CLI (observations from the checkpoint's demo dataset; one profile, one schedule per budget x bubble_blocks):
+    python -m policy_accel.cache.calibrate checkpoint=checkpoints/lift_dp_t budget=10 [bubble_blocks=5]
+    python -m policy_accel.cache.calibrate checkpoint=... 'budget=[5,10,20]' 'bubble_blocks=[0,5]' sampler=ddim steps=20
+"""
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import MISSING
+from tqdm import tqdm
+
+from policy_accel.cache.hooks import BlockInfo, find_blocks
+from policy_accel.cache.schedule import Schedule, acs_steps, bubbling_union
+
+
+@dataclass
+class BlockProfile:
+    """Per-block statistics over calibration observations."""
+
+    similarity: dict[str, np.ndarray]  # (K, K) mean pairwise cosine similarity of branch outputs
+    volatility: dict[str, float]  # mean over step pairs of mean |F_i - F_j|
+    per_sample_similarity: dict[str, list[np.ndarray]]  # one (K, K) matrix per observation
+    n_observations: int
+
+
+class _StepRecorder:
+    """Sampling hook + forward hooks collecting each block's output per step: feats[name][k] = (B, D)."""
+
+    def __init__(self, model: torch.nn.Module, blocks: list[BlockInfo]):
+        self.step = 0
+        self.feats: dict[str, list[torch.Tensor]] = {b.name: [] for b in blocks}
+        modules = dict(model.named_modules())
+        self.handles = [modules[b.name].register_forward_hook(self._hook(b.name)) for b in blocks]
+
+    def _hook(self, name):
+        def record(module, args, output):
+            self.feats[name].append(output.detach().flatten(1).float().cpu())
+
+        return record
+
+    def begin_chunk(self, batch_size, timesteps):
+        for f in self.feats.values():
+            f.clear()
+
+    def begin_step(self, step_index, t):
+        self.step = step_index
+
+    def reset(self):
+        pass
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def _cosine_matrix(f: torch.Tensor) -> torch.Tensor:
+    f = torch.nn.functional.normalize(f.double(), dim=-1)  # (K, D)
+    return f @ f.T
+
+
+def profile_blocks(policy, observations: list, blocks: list[BlockInfo], batch_size: int = 8) -> BlockProfile:
+    """Run the uncached policy on `observations` and collect per-block similarity and volatility."""
+    if not observations:
+        raise ValueError("calibration needs at least one observation")
+    recorder = _StepRecorder(policy.model, blocks)
+    policy.sampling_hooks.append(recorder)
+    sims = {b.name: [] for b in blocks}
+    vol_sum = {b.name: 0.0 for b in blocks}
+    try:
+        for start in tqdm(range(0, len(observations), batch_size), desc="calibrate", unit="batch"):
+            batch = np.stack([np.asarray(o) for o in observations[start:start + batch_size]])
+            policy.reset()
+            policy.predict_action_chunk(batch)
+            for name, steps in recorder.feats.items():
+                feats = torch.stack(steps, dim=1)  # (B, K, D)
+                K, D = feats.shape[1], feats.shape[2]
+                for f in feats:
+                    sims[name].append(_cosine_matrix(f).numpy())
+                    dist = torch.cdist(f.double(), f.double(), p=1) / D  # (K, K) mean |F_i - F_j|
+                    vol_sum[name] += float(dist.sum() / (K * (K - 1))) if K > 1 else 0.0
+    finally:
+        recorder.remove()
+        policy.sampling_hooks.remove(recorder)
+        policy.reset()
+    n = len(observations)
+    return BlockProfile(
+        similarity={name: np.mean(s, axis=0) for name, s in sims.items()},
+        volatility={name: v / n for name, v in vol_sum.items()},
+        per_sample_similarity=sims,
+        n_observations=n,
+    )
+
+
+def _jaccard(a: list[int], b: list[int]) -> float:
+    return len(set(a) & set(b)) / len(set(a) | set(b))
+
+
+def calibrate(policy, observations: list, budget: int, bubble_blocks: int = 5, blocks: str | None = None,
+              batch_size: int = 8, description: str = "") -> Schedule:
+    """BAC schedule for `policy`: ACS per block on the mean similarity, then the Bubbling Union.
+
+    The schedule records how stable each block's chosen steps are across observations
+    (mean Jaccard index between the per-observation ACS steps and the aggregate ones).
+    """
+    infos = _check_uncached(policy, blocks, [budget])
+    profile = profile_blocks(policy, observations, infos, batch_size)
+    return schedule_from_profile(policy, profile, infos, budget, bubble_blocks, description)
+
+
+def _check_uncached(policy, blocks: str | None, budgets: list[int]) -> list[BlockInfo]:
+    if getattr(policy, "acceleration", None) is not None:
+        raise RuntimeError("calibrate an uncached policy: call pa.remove_acceleration(policy) first")
+    num_steps = policy.sampler.num_steps
+    for budget in budgets:
+        if not 1 <= budget <= num_steps:
+            raise ValueError(f"budget must be in [1, {num_steps}] for a {num_steps}-step sampler, got {budget}")
+    return find_blocks(policy.model, blocks)
+
+
+def schedule_from_profile(policy, profile: BlockProfile, infos: list[BlockInfo], budget: int, bubble_blocks: int,
+                          description: str = "") -> Schedule:
+    acs = {b.name: acs_steps(profile.similarity[b.name], budget) for b in infos}
+    steps = bubbling_union(acs, profile.volatility, {b.name: b.layer for b in infos},
+                           {b.name for b in infos if b.is_ffn}, bubble_blocks)
+    stability = {
+        name: float(np.mean([_jaccard(acs_steps(s, budget), acs[name]) for s in per_sample]))
+        for name, per_sample in profile.per_sample_similarity.items()
+    }
+    from policy_accel import __version__
+
+    return Schedule(
+        blocks=steps,
+        num_steps=policy.sampler.num_steps,
+        sampler=policy.sampler.kind,
+        checkpoint_hash=policy.checkpoint_hash,
+        method="bac",
+        budget=budget,
+        bubble_blocks=bubble_blocks,
+        calibration={
+            "description": description,
+            "n_observations": profile.n_observations,
+            "mean_jaccard_to_aggregate": float(np.mean(list(stability.values()))),
+            "jaccard_per_block": stability,
+            "volatility": profile.volatility,
+            "acs_steps_before_union": acs,
+        },
+        package_version=__version__,
+    )
+
+
+def schedule_name(budget: int, bubble_blocks: int, sampler: str, num_steps: int) -> str:
+    """File stem under <checkpoint>/schedules/ that eval/methods.py looks up."""
+    return f"bac_s{budget}_b{bubble_blocks}_{sampler}{num_steps}"
+
+
+def demo_observations(dataset, n: int, n_obs_steps: int, seed: int = 0) -> list[np.ndarray]:
+    """`n` observation histories (n_obs_steps, obs_dim) drawn evenly from a demo dataset's time steps."""
+    from policy_accel.data import ReplayBuffer
+
+    buffer = ReplayBuffer.load(dataset)
+    starts = np.concatenate([[0], buffer.episode_ends[:-1]])
+    episode = np.searchsorted(buffer.episode_ends, np.arange(len(buffer.obs)), side="right")
+    rows = np.random.default_rng(seed).choice(len(buffer.obs), size=min(n, len(buffer.obs)), replace=False)
+    lags = np.arange(n_obs_steps - 1, -1, -1)
+    return [buffer.obs[np.maximum(r - lags, starts[episode[r]])] for r in np.sort(rows)]
+
+
+@dataclass
+class CalibrateConfig:
+    checkpoint: str = MISSING
+    budget: Any = 10  # an int or a list: one schedule per (budget, bubble_blocks)
+    bubble_blocks: Any = 5
+    sampler: str | None = None  # ddpm | ddim; default the checkpoint's native sampler
+    steps: int | None = None
+    observations: int = 64
+    dataset: str | None = None  # default the checkpoint's training dataset
+    blocks: str | None = None  # regex over module names; default the model's cache_blocks
+    batch_size: int = 8
+    seed: int = 0
+    num_threads: int = 2
+    out_dir: str | None = None  # default <checkpoint>/schedules
+
+
+def run(argv: list[str]) -> list[Path]:
+    from policy_accel.cli import load_config
+    from policy_accel.policy import load_policy
+    from policy_accel.sampling import SamplerConfig
+
+    cfg = load_config(CalibrateConfig, argv, None)
+    torch.set_num_threads(cfg.num_threads)
+    budgets = [cfg.budget] if isinstance(cfg.budget, int) else list(cfg.budget)
+    bubbles = [cfg.bubble_blocks] if isinstance(cfg.bubble_blocks, int) else list(cfg.bubble_blocks)
+    policy = load_policy(cfg.checkpoint)
+    native = policy.config.sampler
+    policy.set_sampler(SamplerConfig(cfg.sampler or native.kind, cfg.steps or native.num_steps, native.num_train_steps))
+    dataset = cfg.dataset or policy.config.info.get("dataset")
+    if not dataset:
+        raise SystemExit(f"{cfg.checkpoint} names no training dataset; pass dataset=<path.zarr>")
+    obs = demo_observations(dataset, cfg.observations, policy.config.n_obs_steps, cfg.seed)
+    infos = _check_uncached(policy, cfg.blocks, budgets)
+    profile = profile_blocks(policy, obs, infos, cfg.batch_size)
+    description = f"{len(obs)} observation histories drawn from {dataset} (seed {cfg.seed})"
+    out_dir = Path(cfg.out_dir or Path(cfg.checkpoint) / "schedules")
+    written = []
+    for budget in budgets:
+        for bubble in bubbles:
+            sched = schedule_from_profile(policy, profile, infos, budget, bubble, description)
+            path = out_dir / f"{schedule_name(budget, bubble, sched.sampler, sched.num_steps)}.json"
+            sched.save(path)
+            written.append(path)
+            print(f"{path}: computes {sched.computed_fraction():.1%} of block-steps, "
+                  f"stability (mean Jaccard) {sched.calibration['mean_jaccard_to_aggregate']:.2f}")
+    return written
+
+
+def main(argv: list[str] | None = None) -> None:
+    run(sys.argv[1:] if argv is None else argv)
+
+
+if __name__ == "__main__":
+    main()
