@@ -180,3 +180,12 @@ def test_sweep_end_to_end_on_ray_is_resumable_and_writes_schema(tmp_path, capsys
     settings = [json.loads(x)["setting"] for x in summary.read_text().splitlines()]
     assert sorted(settings) == ["ddim5", "taylorseer4o1", "uncached", "uniform4"]
     assert "| push2d | uncached |" in report.headline_table([json.loads(x) for x in summary.read_text().splitlines()])
+
+
+def test_memory_check_reports_rss_over_the_loop(tmp_path):
+    from eval import memory_check
+
+    ckpt = tiny_checkpoint(tmp_path / "push2d_tiny")
+    out = memory_check.main([f"checkpoint={ckpt}", "method=taylorseer4o1", "calls=120", "reset_every=30",
+                             "report_every=40"])
+    assert sorted(out["rss_mib"]) == [40, 80, 120] and all(v > 0 for v in out["rss_mib"].values())

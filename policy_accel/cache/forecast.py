@@ -38,7 +38,7 @@ class Forecaster:
         new = [value]
         for j in range(1, min(self.order, len(self.coeffs)) + 1):
             gap = t - (self.nodes[j - 1] if self.differences == "newton" else self.nodes[0])
-            new.append((new[j - 1] - self.coeffs[j - 1]) / gap)
+            new.append(torch.sub(new[j - 1], self.coeffs[j - 1]).div_(gap))
         self.nodes = [t, *self.nodes][: self.order + 1]
         self.coeffs = new
 
@@ -52,7 +52,8 @@ class Forecaster:
                 weight *= t - self.nodes[j - 1]
             else:
                 weight = (t - self.nodes[0]) ** j / math.factorial(j)
-            out = out + weight * self.coeffs[j]
+            # one fused kernel per term (the tensors are small: per-op overhead dominates)
+            out = torch.add(out, self.coeffs[j], alpha=weight) if j == 1 else out.add_(self.coeffs[j], alpha=weight)
         return out
 
     @property
