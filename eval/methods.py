@@ -10,7 +10,8 @@
     diffusers_taylorseer4o1  diffusers' own TaylorSeer hook (warm-up 3), for comparison
     every_step               hooks on every block, all compute (measures the hook overhead)
     <any>@ddim20             the same on top of DDIM-20
-    compile / compile+<any>  torch.compile of each block's computation: uncached alone, or with a method
+    compile / compile+ddim10 torch.compile of the whole denoiser (one graph), native sampler / DDIM-10
+    compile+<method>         the method with each block's computation compiled (the cache logic stays eager)
 
 BAC settings read `checkpoints/<name>/schedules/<schedule_name(...)>.json`, made by
 `python -m policy_accel.cache.calibrate`.
@@ -88,14 +89,19 @@ def sampler_for(method: Method, native: SamplerConfig) -> SamplerConfig:
 def apply_method(policy, method: Method, checkpoint_dir: str | Path, native: SamplerConfig):
     """Configure `policy` for `method`; returns an object with remove() (or None) to undo the cache."""
     pa.remove_acceleration(policy)
+    if getattr(policy, "compiled_model", None) is not None:
+        policy.compile(False)
     policy.set_sampler(sampler_for(method, native))
     p, fam = method.params, method.family
     compile = method.compiled
-    if fam in ("uncached", "ddim") and not compile:
+    if fam in ("uncached", "ddim"):
+        if compile:  # the whole denoiser in one graph
+            policy.compile()
+            return _Uncompiler(policy)
         return None
     if fam == "diffusers_taylorseer":
         return apply_diffusers_taylorseer(policy, p["interval"], p["order"], DIFFUSERS_WARMUP)
-    if fam in ("uncached", "ddim", "every_step"):  # every block computes every step
+    if fam == "every_step":  # every block computes every step through the hooks
         config = pa.LosslessConfig(lossless=False, compile=compile)
     elif fam == "lossless":
         config = pa.LosslessConfig(compile=compile)
@@ -125,3 +131,8 @@ class _Remover:
 
     def remove(self):
         pa.remove_acceleration(self.policy)
+
+
+class _Uncompiler(_Remover):
+    def remove(self):
+        self.policy.compile(False)

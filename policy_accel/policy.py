@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from policy_accel.models.dp_transformer import DPTransformer, DPTransformerConfig
+from policy_accel.models.dp_transformer import ConditionCache, DPTransformer, DPTransformerConfig
 from policy_accel.normalizer import MinMaxNormalizer
 from policy_accel.sampling import SamplerConfig, build_sampler, ddpm_scheduler, sample
 
@@ -99,6 +99,7 @@ class Policy(nn.Module):
         self.precompute_condition = precompute_condition
         self.sampling_hooks: list = []
         self.acceleration = None  # set by pa.accelerate
+        self.compiled_model = None  # set by compile()
         self.set_sampler(config.sampler)
         self.seed(seed)
         self._history: deque[np.ndarray] = deque(maxlen=config.n_obs_steps)
@@ -119,6 +120,14 @@ class Policy(nn.Module):
                              f"{native.num_train_steps}")
         self.sampler = sampler
         self._sampler = build_sampler(sampler)
+
+    def compile(self, enabled: bool = True, **compile_kwargs) -> None:
+        """torch.compile the whole denoiser for sampling (one graph: t goes in as a tensor).
+        With acceleration, use the method config's `compile=True` instead, which compiles each
+        block's computation and leaves the cache logic in Python."""
+        if enabled and self.acceleration is not None:
+            raise RuntimeError("the policy is accelerated: compile through the method config (compile=True)")
+        self.compiled_model = torch.compile(self.model, **compile_kwargs) if enabled else None
 
     def seed(self, seed: int) -> None:
         """Reseed the noise generator (on the policy's device): same seed -> same actions."""
@@ -212,10 +221,14 @@ class Policy(nn.Module):
         else:
             noise = noise.to(device=device, dtype=torch.float32)
 
+        model = self.model if self.compiled_model is None else self.compiled_model
+        t_values = torch.tensor(timesteps, dtype=torch.float32, device=device)  # one copy per chunk, none per step
+        per_step = isinstance(cond, ConditionCache) and cond.time_kv is not None
+
         def denoise(x, t, k):
             for hook in hooks:
                 hook.begin_step(k, t)
-            return self.model(x, t, cond)
+            return model(x, t_values[k], cond.at_step(k) if per_step else cond)
 
         x = sample(denoise, noise, self._sampler, self.generator)
         start = cfg.n_obs_steps - 1

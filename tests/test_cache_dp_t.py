@@ -141,3 +141,21 @@ def test_accelerated_loop_runs_under_torch_compile_and_matches_eager(policy):
     assert 1 <= graphs <= 3  # one per block kind (self_attn, cross_attn, ff), shared by the layers
     np.testing.assert_allclose(chunk(policy, seed=1), eager[1], rtol=1e-4, atol=1e-5)
     assert counters["stats"]["unique_graphs"] == graphs  # no recompilation as steps and chunks go by
+
+
+def test_whole_denoiser_compiles_to_one_graph_and_refuses_to_mix_with_hooks(policy):
+    from torch._dynamo.utils import counters
+
+    eager = [chunk(policy, seed=s) for s in (0, 1)]
+    torch._dynamo.reset()
+    counters.clear()
+    policy.compile()
+    np.testing.assert_allclose(chunk(policy, seed=0), eager[0], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(chunk(policy, seed=1), eager[1], rtol=1e-4, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 1  # t is a tensor input: no recompile per step
+    with pytest.raises(RuntimeError, match="compile=True"):
+        pa.accelerate(policy, pa.UniformConfig(interval=2))
+    policy.compile(False)
+    pa.accelerate(policy, pa.UniformConfig(interval=2))
+    with pytest.raises(RuntimeError, match="accelerated"):
+        policy.compile()

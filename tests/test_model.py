@@ -100,10 +100,11 @@ def test_condition_cache_is_exact(model):
     cache = model.encode_condition(cond)
     cache_t = model.encode_condition(cond, timesteps)
     assert isinstance(cache, ConditionCache) and cache.tokens.shape == (B, TO, 32) and len(cache.kv) == 2
-    for t in timesteps:
+    for k, t in enumerate(timesteps):
         ref = model(x, t, cond)
         assert torch.equal(model(x, t, cache), ref)  # bit-identical: same computation, reused
-        torch.testing.assert_close(model(x, t, cache_t), ref, rtol=1e-5, atol=1e-6)  # batched time K/V
+        assert torch.equal(model(x, torch.tensor(t), cache), ref)  # t as a 0-dim tensor (no recompiles)
+        torch.testing.assert_close(model(x, t, cache_t.at_step(k)), ref, rtol=1e-5, atol=1e-6)  # batched time K/V
         torch.testing.assert_close(textbook_forward(model, x, t, cond), ref, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="condition cache is for batch"):
         model(x[:1], 5.0, cache)

@@ -233,6 +233,9 @@ def accelerate(policy, config) -> "Acceleration":
         raise RuntimeError(
             f"policy is already accelerated with {policy.acceleration.config}; call remove_acceleration first"
         )
+    if getattr(policy, "compiled_model", None) is not None:
+        raise RuntimeError("the whole denoiser is compiled (policy.compile()): call policy.compile(False) and "
+                           "set compile=True in the method config instead (per-block compile, no recompiles)")
     blocks = find_blocks(policy.model, config.blocks)
     plan = planner(config, policy, blocks)
     plan.schedule.check_compatible([b.name for b in blocks], policy.sampler.kind, policy.sampler.num_steps,

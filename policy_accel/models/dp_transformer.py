@@ -12,7 +12,7 @@ chunk and `forward` then only embeds the time token per step. Same outputs, less
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -53,7 +53,12 @@ class ConditionCache:
 
     tokens: torch.Tensor  # (B, To, C)
     kv: list[KV]  # per layer: (B, H, To, hd) keys and values
-    time_kv: dict[float, list[KV]] | None = None  # t -> per layer (1, H, 1, hd) keys and values
+    time_kv: list[list[KV]] | None = None  # per sampler step: per layer (1, H, 1, hd) keys and values
+    step: int | None = None  # the sampler step this view is for (selects time_kv[step])
+
+    def at_step(self, step: int) -> "ConditionCache":
+        """A view for sampler step `step`: the forward uses that step's precomputed time K/V."""
+        return replace(self, step=step)
 
     @property
     def batch_size(self) -> int:
@@ -160,15 +165,15 @@ class DPTransformer(nn.Module):
         """Everything about the condition that stays fixed across denoising steps (once per chunk).
 
         With `timesteps` (the sampler's t values) the time token's K/V are also computed for all
-        steps in one batch: less work per step, equal to per-step computation up to float rounding
-        (a batched matmul rounds differently); without them the cached path is bit-identical.
+        steps in one batch, used through `cache.at_step(k)`: less work per step, equal to per-step
+        computation up to float rounding (a batched matmul rounds differently); without them the
+        cached path is bit-identical.
         """
         tokens = self._obs_memory(cond)
         cache = ConditionCache(tokens, [layer.cross_attn.kv(tokens) for layer in self.decoder.layers])
         if timesteps is not None:
             per_layer = self._time_kv(torch.tensor(timesteps, device=cond.device))  # (K, H, 1, hd) each
-            cache.time_kv = {float(t): [(k[i:i + 1], v[i:i + 1]) for k, v in per_layer]
-                             for i, t in enumerate(timesteps)}
+            cache.time_kv = [[(k[i:i + 1], v[i:i + 1]) for k, v in per_layer] for i in range(len(timesteps))]
         return cache
 
     def forward(self, sample: torch.Tensor, timestep, cond: torch.Tensor | ConditionCache) -> torch.Tensor:
@@ -179,8 +184,9 @@ class DPTransformer(nn.Module):
             cond = self.encode_condition(cond)  # reference path: the condition is recomputed every step
         elif cond.batch_size != B:
             raise ValueError(f"condition cache is for batch {cond.batch_size}, sample has batch {B}")
-        time_kv = cond.time_kv.get(timestep) if cond.time_kv and isinstance(timestep, (int, float)) else None
-        if time_kv is None:
+        if cond.time_kv is not None and cond.step is not None:
+            time_kv = cond.time_kv[cond.step]
+        else:
             t = torch.as_tensor(timestep, device=sample.device)
             if t.ndim == 0:
                 t = t[None]
