@@ -162,6 +162,9 @@ def pick_histories(recorded: list[np.ndarray], n: int) -> list[np.ndarray]:
 
 def evaluate(cfg: RolloutConfig) -> dict:
     torch.set_num_threads(cfg.num_threads)
+    if not Path(cfg.checkpoint).is_dir():
+        raise FileNotFoundError(f"no checkpoint directory {cfg.checkpoint}; train one with "
+                                f"`python -m policy_accel.train env=<task>` (see README)")
     policy = pa.load_policy(cfg.checkpoint, device=cfg.device)
     spec = policy.config.info.get("env_spec")
     if not spec:

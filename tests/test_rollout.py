@@ -110,6 +110,8 @@ def test_rollout_rejects_bad_config(tmp_path):
         rollout.main(["episodes=0"])
     with pytest.raises(FileNotFoundError, match="config.json"):
         rollout.main([f"checkpoint={tmp_path}", "progress=false"])
+    with pytest.raises(FileNotFoundError, match="no checkpoint directory"):
+        rollout.main([f"checkpoint={tmp_path / 'nope'}", "progress=false"])
 
 
 def test_calibrate_cli_writes_schedules_that_methods_load(tmp_path):
