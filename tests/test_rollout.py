@@ -102,6 +102,15 @@ def test_rollout_end_to_end_on_push2d_writes_summary(tmp_path):
     # lossless changes no output, so the same seeds give the same episodes
     assert by["lossless"]["failed_seeds"] == by["uncached"]["failed_seeds"]
 
+    from eval import card
+
+    (tmp_path / "run").mkdir()
+    log = [{"step": 50, "sec_per_step": 36.0}, {"step": 100, "sec_per_step": 36.0}]  # 1 h in all
+    (tmp_path / "run" / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    text = card.main([f"checkpoint={ckpt}", f"run_dir={tmp_path / 'run'}", f"rollout={out}"]).read_text()
+    u = by["uncached"]
+    assert f"| uncached | {u['successes']}/5 | [{u['ci_low']:.2f}, {u['ci_high']:.2f}]" in text and "1.0 h" in text
+
 
 def test_rollout_rejects_bad_config(tmp_path):
     with pytest.raises(SystemExit, match="unknown method"):
