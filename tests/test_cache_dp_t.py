@@ -57,6 +57,15 @@ def test_compute_every_step_equals_uncached_exactly(policy, order):
     assert pa.cache_stats(policy).skipped_fraction == 0
 
 
+def test_cache_stats_estimate_the_flops_the_skips_saved(policy):
+    full = pa.chunk_flops(policy, OBS)
+    pa.accelerate(policy, pa.UniformConfig(interval=4, lossless=False))
+    saved_measured = full - pa.chunk_flops(policy, OBS)  # one chunk: steps 0, 4, 8 compute
+    stats = pa.cache_stats(policy)
+    assert all((b.computed, b.skipped) == (3, 9) for b in stats.blocks.values())
+    assert stats.flops_saved == pytest.approx(saved_measured, rel=1e-6) and "GFLOP saved" in str(stats)
+
+
 def test_lossless_savings_do_not_change_outputs(policy):
     ref = chunk(policy)
     pa.accelerate(policy, pa.LosslessConfig())

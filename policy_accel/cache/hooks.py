@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from policy_accel.cache.forecast import Forecaster
 
@@ -83,6 +84,7 @@ class BlockHook:
         self.module, self.info, self.mask, self.forecaster, self.ctx = module, info, mask, forecaster, ctx
         self.computed = 0
         self.skipped = 0
+        self.flops_per_call: int | None = None  # measured on the first computed call (for cache_stats)
         self.original_forward = module.forward
         self.instance_forward = module.__dict__.get("forward")  # another wrapper already on this instance
         # Compiling the block's own computation (not the hook, whose Python step logic would make
@@ -95,7 +97,12 @@ class BlockHook:
     def forward(self, *args, **kwargs):
         if self.mask[self.ctx.step]:
             self.computed += 1
-            out = self.compute(*args, **kwargs)
+            if self.flops_per_call is None:  # once per accelerate: count this call's FLOPs
+                with FlopCounterMode(display=False) as counter:
+                    out = self.original_forward(*args, **kwargs)
+                self.flops_per_call = int(counter.get_total_flops())
+            else:
+                out = self.compute(*args, **kwargs)
             self.forecaster.update(self.ctx.t, out)
             return out
         self.skipped += 1

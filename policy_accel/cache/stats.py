@@ -1,4 +1,5 @@
-"""What the cache did: per-block computed/skipped counts, bytes held, FLOPs measured per chunk."""
+"""What the cache did: per-block computed/skipped counts, estimated FLOPs saved, bytes held;
+and FLOPs measured per chunk."""
 
 from dataclasses import dataclass
 
@@ -11,6 +12,11 @@ from torch.utils.flop_counter import FlopCounterMode
 class BlockStats:
     computed: int
     skipped: int
+    flops_per_call: int  # of one computed call, at the batch size of the first one (0 if none yet)
+
+    @property
+    def flops_saved(self) -> int:
+        return self.skipped * self.flops_per_call
 
 
 @dataclass
@@ -24,11 +30,17 @@ class CacheStats:
         total = sum(b.computed + b.skipped for b in self.blocks.values())
         return sum(b.skipped for b in self.blocks.values()) / max(total, 1)
 
+    @property
+    def flops_saved(self) -> int:
+        """Estimated FLOPs not spent in the wrapped blocks since `accelerate`."""
+        return sum(b.flops_saved for b in self.blocks.values())
+
     def __str__(self) -> str:
         computed = sum(b.computed for b in self.blocks.values())
         skipped = sum(b.skipped for b in self.blocks.values())
         return (f"{self.method}: {len(self.blocks)} blocks, {computed} computed, {skipped} skipped "
-                f"({self.skipped_fraction:.0%}), cache {self.cache_bytes / 1024:.1f} KiB")
+                f"({self.skipped_fraction:.0%}), ~{self.flops_saved / 1e9:.2f} GFLOP saved, "
+                f"cache {self.cache_bytes / 1024:.1f} KiB")
 
 
 def cache_stats(policy) -> CacheStats:
@@ -38,7 +50,7 @@ def cache_stats(policy) -> CacheStats:
         raise ValueError("policy is not accelerated: call pa.accelerate(policy, config) first")
     return CacheStats(
         method=acc.config.tag,
-        blocks={h.info.name: BlockStats(h.computed, h.skipped) for h in acc.hooks},
+        blocks={h.info.name: BlockStats(h.computed, h.skipped, h.flops_per_call or 0) for h in acc.hooks},
         cache_bytes=sum(h.forecaster.nbytes for h in acc.hooks),
     )
 
