@@ -86,6 +86,23 @@ def sampler_for(method: Method, native: SamplerConfig) -> SamplerConfig:
     return SamplerConfig(kind="ddim", num_steps=steps, num_train_steps=native.num_train_steps)
 
 
+def schedule_path(method: Method, checkpoint_dir: str | Path, native: SamplerConfig) -> Path | None:
+    """The calibrated schedule a BAC method reads (None for methods without one)."""
+    if method.family not in ("bac", "bac_taylor"):
+        return None
+    sampler = sampler_for(method, native)
+    bubble = 0 if method.params["nb"] else BUBBLE_BLOCKS
+    name = schedule_name(method.params["budget"], bubble, sampler.kind, sampler.num_steps)
+    return Path(checkpoint_dir) / "schedules" / f"{name}.json"
+
+
+def calibrate_command(method: Method, checkpoint_dir: str | Path, native: SamplerConfig) -> str:
+    sampler = sampler_for(method, native)
+    return (f"python -m policy_accel.cache.calibrate checkpoint={checkpoint_dir} budget={method.params['budget']} "
+            f"bubble_blocks={0 if method.params['nb'] else BUBBLE_BLOCKS} sampler={sampler.kind} "
+            f"steps={sampler.num_steps}")
+
+
 def apply_method(policy, method: Method, checkpoint_dir: str | Path, native: SamplerConfig):
     """Configure `policy` for `method`; returns an object with remove() (or None) to undo the cache."""
     pa.remove_acceleration(policy)
@@ -110,15 +127,10 @@ def apply_method(policy, method: Method, checkpoint_dir: str | Path, native: Sam
     elif fam == "taylorseer":
         config = pa.TaylorSeerConfig(interval=p["interval"], order=p["order"], compile=compile)
     else:
-        bubble = 0 if p["nb"] else BUBBLE_BLOCKS
-        name = schedule_name(p["budget"], bubble, policy.sampler.kind, policy.sampler.num_steps)
-        path = Path(checkpoint_dir) / "schedules" / f"{name}.json"
+        path = schedule_path(method, checkpoint_dir, native)
         if not path.is_file():
-            raise FileNotFoundError(
-                f"method {method.spec!r} needs schedule {path}; make it with: python -m policy_accel.cache.calibrate "
-                f"checkpoint={checkpoint_dir} budget={p['budget']} bubble_blocks={bubble} "
-                f"sampler={policy.sampler.kind} steps={policy.sampler.num_steps}"
-            )
+            raise FileNotFoundError(f"method {method.spec!r} needs schedule {path}; make it with: "
+                                    f"{calibrate_command(method, checkpoint_dir, native)}")
         config = (pa.BACConfig(schedule=path, compile=compile) if fam == "bac"
                   else pa.BACTaylorConfig(schedule=path, order=p["order"], compile=compile))
     pa.accelerate(policy, config)

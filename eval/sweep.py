@@ -121,6 +121,22 @@ def check_run_dir(cfg: SweepConfig, run_dir: Path) -> None:
     path.write_text(json.dumps({**meta, "config": asdict(cfg)}, indent=1) + "\n")
 
 
+def check_schedules(cfg: SweepConfig) -> None:
+    """Fail before any work when a BAC setting has no calibrated schedule; say how to make them."""
+    from eval.methods import calibrate_command, schedule_path
+    from policy_accel.policy import PolicyConfig
+
+    native = PolicyConfig.from_dict(json.loads((Path(cfg.checkpoint) / "config.json").read_text())).sampler
+    missing = {}
+    for m in map(parse_method, cfg.methods):
+        path = schedule_path(m, cfg.checkpoint, native)
+        if path is not None and not path.is_file():
+            missing[path] = calibrate_command(m, cfg.checkpoint, native)
+    if missing:
+        raise SystemExit(f"{len(missing)} schedule(s) missing for this sweep; make them with:\n  "
+                         + "\n  ".join(sorted(set(missing.values()))))
+
+
 def run_sweep(cfg: SweepConfig) -> list[dict]:
     from tqdm import tqdm
 
@@ -128,6 +144,7 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
     run_dir = Path(cfg.results_dir) / "runs" / policy_name
     (run_dir / "success").mkdir(parents=True, exist_ok=True)
     check_run_dir(cfg, run_dir)
+    check_schedules(cfg)
     shards = shard_seeds(cfg)
     todo = []
     for spec in cfg.methods:

@@ -190,6 +190,8 @@ def test_sweep_end_to_end_on_ray_is_resumable_and_writes_schema(tmp_path, capsys
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
     settings = [json.loads(x)["setting"] for x in summary.read_text().splitlines()]
     assert sorted(settings) == ["ddim5", "taylorseer4o1", "uncached", "uniform4"]
+    with pytest.raises(SystemExit, match="budget=7 bubble_blocks=0 sampler=ddim steps=5"):
+        sweep.main(args + ["methods=[uncached,bac7nb@ddim5]"])
     assert "| push2d | uncached |" in report.headline_table([json.loads(x) for x in summary.read_text().splitlines()])
 
 
