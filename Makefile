@@ -27,6 +27,17 @@ test-all: $(STAMP)
 rollout: $(STAMP)
 	$(PY) eval/rollout.py
 
+# After `python -m policy_accel.train env=<task>`: the schedules configs/sweep.yaml needs, the card's
+# 100-episode rollout, and the card.  make ship-lift  (needs data/<task>.zarr and runs/<task>_dp_t)
+CALIBRATE := $(PY) -m policy_accel.cache.calibrate
+ship-%: $(STAMP)
+	$(CALIBRATE) checkpoint=checkpoints/$*_dp_t 'budget=[5,7,10,20]' 'bubble_blocks=[0,5]'
+	$(CALIBRATE) checkpoint=checkpoints/$*_dp_t 'budget=[5,10]' bubble_blocks=5 sampler=ddim steps=20
+	$(CALIBRATE) checkpoint=checkpoints/$*_dp_t 'budget=[10,20]' bubble_blocks=5 sampler=ddim steps=50
+	$(PY) eval/rollout.py checkpoint=checkpoints/$*_dp_t 'methods=[uncached,ddim10,ddim20,ddim50]' \
+		episodes=100 out=eval/results/rollout_$*.json progress=false
+	$(PY) eval/card.py checkpoint=checkpoints/$*_dp_t run_dir=runs/$*_dp_t rollout=eval/results/rollout_$*.json
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 

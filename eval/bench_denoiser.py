@@ -39,7 +39,7 @@ class BenchConfig:
     warmup: int = 2  # untimed chunks per method after applying it (compile happens here)
     num_threads: int = 1
     device: str = "cpu"
-    out: str | None = None  # JSON results; default eval/results/bench_<policy>.json
+    out: str | None = None  # JSON results; default outputs/bench_<policy>.json
 
     def __post_init__(self):
         for name in ("observations", "rounds", "repeats", "num_threads"):
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
     for r in result["results"]:
         print(f"{r['setting']:<24}{r['latency_ms_p50']:>10.1f}{r['speedup']:>9.2f}{r['flops_ratio']:>8.3f}"
               f"{r['achieved_over_ideal']:>16.2f}")
-    out = Path(cfg.out or f"eval/results/bench_{Path(cfg.checkpoint).name}.json")
+    out = Path(cfg.out or f"outputs/bench_{Path(cfg.checkpoint).name}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")

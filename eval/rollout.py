@@ -45,7 +45,7 @@ class RolloutConfig:
     latency_warmup: int = 2
     num_threads: int = 1  # torch threads (2 did not help DP-T at batch 1 on this machine)
     device: str = "cpu"
-    out: str | None = None  # default eval/results/rollout_<task>.json
+    out: str | None = None  # default outputs/rollout_<task>.json (not committed)
     progress: bool = True
 
     def __post_init__(self):
@@ -206,7 +206,7 @@ def format_table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> dict:
     cfg = load_config(RolloutConfig, sys.argv[1:] if argv is None else argv, "rollout.yaml")
     summary = evaluate(cfg)
-    out = Path(cfg.out or f"eval/results/rollout_{summary['task']}.json")
+    out = Path(cfg.out or f"outputs/rollout_{summary['task']}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=1) + "\n")
     m = summary["machine"]
