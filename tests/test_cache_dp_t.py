@@ -162,6 +162,10 @@ def test_whole_denoiser_compiles_to_one_graph_and_refuses_to_mix_with_hooks(poli
     np.testing.assert_allclose(chunk(policy, seed=0), eager[0], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(chunk(policy, seed=1), eager[1], rtol=1e-4, atol=1e-5)
     assert counters["stats"]["unique_graphs"] == 1  # t is a tensor input: no recompile per step
+    policy.precompute_condition = True  # per-step time K/V views: still no recompile per step
+    np.testing.assert_allclose(chunk(policy, seed=0), eager[0], rtol=1e-4, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 2
+    policy.precompute_condition = False
     with pytest.raises(RuntimeError, match="compile=True"):
         pa.accelerate(policy, pa.UniformConfig(interval=2))
     policy.compile(False)

@@ -54,11 +54,12 @@ class ConditionCache:
     tokens: torch.Tensor  # (B, To, C)
     kv: list[KV]  # per layer: (B, H, To, hd) keys and values
     time_kv: list[list[KV]] | None = None  # per sampler step: per layer (1, H, 1, hd) keys and values
-    step: int | None = None  # the sampler step this view is for (selects time_kv[step])
+    step_kv: list[KV] | None = None  # time_kv[step] in a view made by at_step(step)
 
     def at_step(self, step: int) -> "ConditionCache":
-        """A view for sampler step `step`: the forward uses that step's precomputed time K/V."""
-        return replace(self, step=step)
+        """A view for sampler step `step`: the forward uses that step's precomputed time K/V (no int
+        in the view, so a compiled denoiser does not specialise on the step)."""
+        return replace(self, step_kv=self.time_kv[step])
 
     @property
     def batch_size(self) -> int:
@@ -184,8 +185,8 @@ class DPTransformer(nn.Module):
             cond = self.encode_condition(cond)  # reference path: the condition is recomputed every step
         elif cond.batch_size != B:
             raise ValueError(f"condition cache is for batch {cond.batch_size}, sample has batch {B}")
-        if cond.time_kv is not None and cond.step is not None:
-            time_kv = cond.time_kv[cond.step]
+        if cond.step_kv is not None:
+            time_kv = cond.step_kv
         else:
             t = torch.as_tensor(timestep, device=sample.device)
             if t.ndim == 0:
