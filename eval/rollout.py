@@ -37,9 +37,9 @@ from policy_accel.cli import load_config  # noqa: E402
 class RolloutConfig:
     checkpoint: str = "checkpoints/lift_dp_t"
     methods: list[str] = field(default_factory=lambda: ["uncached", "ddim10", "ddim20", "ddim50"])
-    episodes: int = 50
+    episodes: int = 20
     seed: int = 100000  # first test seed
-    num_envs: int = 25  # envs stepped in lockstep (batched inference)
+    num_envs: int = 20  # envs stepped in lockstep (batched inference)
     latency_rounds: int = 5  # batch-1 timing in interleaved rounds over the methods ...
     latency_repeats: int = 6  # ... of this many chunks each (rounds x repeats chunks per method)
     latency_warmup: int = 2
