@@ -174,8 +174,11 @@ def evaluate(cfg: RolloutConfig) -> dict:
     n_batches = math.ceil(cfg.episodes / cfg.num_envs)
     venv = make_vector_env(spec, math.ceil(cfg.episodes / n_batches))
     recorded: list[np.ndarray] = []
-    rows = [success_row(policy, venv, m, seeds, cfg.checkpoint, cfg.progress, recorded if i == 0 else None)
-            for i, m in enumerate(methods)]
+    rows = []
+    for i, m in enumerate(methods):
+        rows.append(success_row(policy, venv, m, seeds, cfg.checkpoint, cfg.progress, recorded if i == 0 else None))
+        r = rows[-1]
+        print(f"{spec['name']} {m.spec}: {r['successes']}/{r['n_episodes']} in {r['success_wall_s']:.0f} s", flush=True)
     venv.close()
     histories = pick_histories(recorded, cfg.latency_rounds * cfg.latency_repeats)
     latency = latency_fields(policy, methods, cfg.checkpoint, histories, cfg.latency_rounds, cfg.latency_repeats,
