@@ -28,14 +28,20 @@ rollout: $(STAMP)
 	$(PY) eval/rollout.py
 
 # After `python -m policy_accel.train env=<task>`: the schedules configs/sweep.yaml needs, the card's
-# 100-episode rollout, and the card.  make ship-lift  (needs data/<task>.zarr and runs/<task>_dp_t)
-CALIBRATE := $(PY) -m policy_accel.cache.calibrate
-ship-%: $(STAMP)
+# 100-episode rollout, and the card.  make -j2 ship-lift  (calibration and rollout run side by side;
+# needs data/<task>.zarr and runs/<task>_dp_t)
+CALIBRATE := $(PY) -m policy_accel.cache.calibrate num_threads=1
+.PHONY: schedules-% card-rollout-%
+schedules-%: $(STAMP)
 	$(CALIBRATE) checkpoint=checkpoints/$*_dp_t 'budget=[5,7,10,20]' 'bubble_blocks=[0,5]'
 	$(CALIBRATE) checkpoint=checkpoints/$*_dp_t 'budget=[5,10]' bubble_blocks=5 sampler=ddim steps=20
 	$(CALIBRATE) checkpoint=checkpoints/$*_dp_t 'budget=[10,20]' bubble_blocks=5 sampler=ddim steps=50
+
+card-rollout-%: $(STAMP)
 	$(PY) eval/rollout.py checkpoint=checkpoints/$*_dp_t 'methods=[uncached,ddim10,ddim20,ddim50]' \
-		episodes=100 out=eval/results/rollout_$*.json progress=false
+		episodes=100 out=eval/results/rollout_$*.json
+
+ship-%: schedules-% card-rollout-%
 	$(PY) eval/card.py checkpoint=checkpoints/$*_dp_t run_dir=runs/$*_dp_t rollout=eval/results/rollout_$*.json
 
 lint: $(STAMP)

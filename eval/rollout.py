@@ -68,29 +68,50 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+class HoldAfterSuccess(gym.Wrapper):
+    """Once an episode is over (success, termination or truncation) the env stops simulating and
+    repeats its last observation, end flags cleared so that a vector env without autoreset keeps
+    stepping it; run_batch remembers which envs are done. Success counts at any step, so in a
+    lockstep batch the envs that are done cost no physics steps while the others finish."""
+
+    def reset(self, **kwargs):
+        self._held = None
+        return self.env.reset(**kwargs)
+
+    def step(self, action):
+        if self._held is not None:
+            return self._held
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        if info["success"] or terminated or truncated:
+            self._held = obs, 0.0, False, False, info
+        return obs, reward, terminated, truncated, info
+
+
 def make_vector_env(spec: dict, num_envs: int) -> gym.vector.SyncVectorEnv:
     # no autoreset: every env starts together from its own seed and is truncated at the same horizon
-    return gym.vector.SyncVectorEnv([lambda: envs.make_env_from_spec(spec)] * num_envs,
+    return gym.vector.SyncVectorEnv([lambda: HoldAfterSuccess(envs.make_env_from_spec(spec))] * num_envs,
                                     autoreset_mode=gym.vector.AutoresetMode.DISABLED)
 
 
 def run_batch(policy, venv, seeds: list[int], record: list | None = None) -> np.ndarray:
-    """One lockstep batch of episodes; returns success per env. Appends observation histories
-    (n_obs_steps, obs_dim) seen at chunk boundaries to `record` when given."""
+    """One lockstep batch of episodes; returns success per env. Appends the observation histories
+    (n_obs_steps, obs_dim) of the unfinished envs at chunk boundaries to `record` when given."""
     To, Ta = policy.config.n_obs_steps, policy.config.n_action_steps
     obs, _ = venv.reset(seed=seeds)
     policy.reset()
     policy.seed(seeds[0])  # a batch's sampling noise depends on its seeds only
     history = [obs] * To
     success = np.zeros(len(seeds), dtype=bool)
+    done = np.zeros(len(seeds), dtype=bool)
     for t in range(10**6):
         if record is not None and t % Ta == 0:
-            record.extend(np.stack(history, axis=1))
+            record.extend(np.stack(history, axis=1)[~done])
         action = policy.select_action(obs)
         obs, _, terminated, truncated, info = venv.step(action)
         history = history[1:] + [obs]
         success |= info["success"]
-        if success.all() or (terminated | truncated).all():
+        done |= success | terminated | truncated
+        if done.all():
             return success
     raise RuntimeError("env never truncated")
 

@@ -72,6 +72,32 @@ def test_success_counting_batches_padding_and_recorded_histories():
     venv.close()
 
 
+class HalfExpertPolicy(ExpertPolicy):
+    """The expert drives the even envs; the odd ones stand still and fail."""
+
+    def select_action(self, obs):
+        actions = super().select_action(obs)
+        actions[1::2] = 0
+        return actions
+
+
+def test_envs_hold_after_success_and_mixed_batches_finish():
+    spec = envs.make_env("push2d").spec_dict()
+    venv = rollout.make_vector_env(spec, 4)
+    seeds = [100000 + i for i in range(4)]
+    record = []
+    success = rollout.run_batch(HalfExpertPolicy(4), venv, seeds, record)
+    assert success.tolist() == [True, False, True, False]
+    inner = [env.unwrapped for env in venv.envs]
+    assert inner[1]._t == inner[1].horizon and inner[0]._t < inner[0].horizon  # no physics after success
+    assert len(record) < 4 * math.ceil(inner[1].horizon / 4)  # finished envs stop being recorded
+    held = venv.envs[0]
+    before = held.unwrapped._t
+    obs, reward, terminated, truncated, info = held.step(np.ones(2, np.float32))
+    assert held.unwrapped._t == before and info["success"] and not (terminated or truncated)
+    venv.close()
+
+
 def test_method_strings_parse_and_reject_typos():
     m = parse_method("bac_taylor10o2nb@ddim20")
     assert (m.family, m.params, m.base_steps) == ("bac_taylor", {"budget": 10, "order": 2, "nb": True}, 20)
