@@ -24,10 +24,17 @@ class CardConfig:
 
 
 def training_hours(log_path: Path) -> float:
+    """Compute time summed over log.jsonl records, each covering the steps since the previous one.
+    A resumed run restarts from a save point (a multiple of log_every), so when the step goes back
+    the record covers one log interval; steps redone after a restart count, as they cost time."""
     records = [json.loads(x) for x in log_path.read_text().splitlines() if x.strip()]
+    log_every = records[0]["step"] if records else 0
     seconds, last = 0.0, 0
     for r in records:
-        seconds += r["sec_per_step"] * (r["step"] - last)
+        covered = r["step"] - last
+        if not 0 < covered <= log_every:
+            covered = log_every
+        seconds += r["sec_per_step"] * covered
         last = r["step"]
     return seconds / 3600
 
@@ -58,7 +65,8 @@ def render(cfg: CardConfig) -> str:
         "",
         "## Training",
         f"- `python -m policy_accel.train env={info['env']}` (configs/train.yaml): {info.get('train_steps')} steps, "
-        f"{training_hours(Path(cfg.run_dir) / 'log.jsonl'):.1f} h on this 2-core CPU.",
+        f"{training_hours(Path(cfg.run_dir) / 'log.jsonl'):.1f} h of compute on this 2-core CPU "
+        "(1-2 threads, at times sharing the machine with other jobs; includes steps redone after restarts).",
         "",
         "## Measured closed-loop success",
         f"`python eval/rollout.py {' '.join(f'{k}={v}' for k, v in _rollout_args(summary).items())}`",

@@ -228,3 +228,11 @@ def test_memory_check_reports_rss_over_the_loop(tmp_path):
     out = memory_check.main([f"checkpoint={ckpt}", "method=taylorseer4o1", "calls=120", "reset_every=30",
                              "report_every=40"])
     assert sorted(out["rss_mib"]) == [40, 80, 120] and all(v > 0 for v in out["rss_mib"].values())
+
+
+def test_card_training_hours_counts_each_log_interval_once_across_a_resume(tmp_path):
+    from eval.card import training_hours
+    steps = [50, 100, 150, 50, 100, 150, 200, 220]  # resumed from the step-0 save after step 150; 20-step tail
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "sec_per_step": 3.6}) + "\n" for s in steps))
+    assert training_hours(log) == pytest.approx((7 * 50 + 20) * 3.6 / 3600)
