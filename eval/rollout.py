@@ -13,6 +13,7 @@ Prints a table; writes a JSON summary.
 
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -132,8 +133,10 @@ def run_success(policy, venv, seeds: list[int], desc: str, progress: bool, recor
 
 
 def machine() -> dict:
-    return {"host": platform.node(), "cpu": platform.processor() or platform.machine(),
-            "torch": torch.__version__, "threads": torch.get_num_threads()}
+    """Where latency was timed; the load average (taken right after timing, the timer itself counts 1)
+    shows whether anything else was running."""
+    return {"host": platform.node(), "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "load_avg_1m": os.getloadavg()[0]}
 
 
 def success_row(policy, venv, method, seeds: list[int], checkpoint, progress: bool = False,
