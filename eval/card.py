@@ -80,7 +80,26 @@ def render(cfg: CardConfig) -> str:
                      f"[{r['ci_low']:.2f}, {r['ci_high']:.2f}] | {r['latency_ms_p50']:.0f} | {speed} |")
     lines += ["", f"Test seeds {summary['seeds'][0]}..{summary['seeds'][1]} (disjoint from the demo seeds); "
               f"latency at batch 1 on {summary['machine']['cpu']}, {summary['machine']['threads']} thread(s)."]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + schedule_lines(Path(cfg.checkpoint) / "schedules")) + "\n"
+
+
+def schedule_lines(folder: Path) -> list[str]:
+    """A table of the shipped BAC schedules: where each computes and how stable calibration found it."""
+    schedules = [(pa.Schedule.load(p), p.name) for p in folder.glob("*.json")]
+    if not schedules:
+        return []
+    lines = ["", "## Shipped schedules", "",
+             "Stability: mean Jaccard similarity between each calibration observation's own schedule and "
+             "the shipped one (1 = every observation picks the same steps).", "",
+             "| file | sampler | budget S | bubbling union blocks | block-steps computed | stability |",
+             "|---|---|---|---|---|---|"]
+    schedules.sort(key=lambda x: (-x[0].num_steps, x[0].sampler, x[0].budget, x[0].bubble_blocks))
+    for s, name in schedules:
+        lines.append(f"| `schedules/{name}` | {s.sampler.upper()}-{s.num_steps} | {s.budget} | "
+                     f"{s.bubble_blocks} | {s.computed_fraction():.1%} | "
+                     f"{s.calibration['mean_jaccard_to_aggregate']:.2f} |")
+    lines += ["", f"Calibration data: {s.calibration['description']}."]
+    return lines
 
 
 def _rollout_args(summary: dict) -> dict:
