@@ -78,8 +78,10 @@ def render(cfg: CardConfig) -> str:
         speed = f"{r['speedup']:.1f}x" if r.get("speedup") else "-"
         lines.append(f"| {r['setting']} | {r['successes']}/{r['n_episodes']} | "
                      f"[{r['ci_low']:.2f}, {r['ci_high']:.2f}] | {r['latency_ms_p50']:.0f} | {speed} |")
+    m = summary["machine"]
+    load = f", load average {m['load_avg_1m']:.1f} on {m['cores']} cores" if "load_avg_1m" in m else ""
     lines += ["", f"Test seeds {summary['seeds'][0]}..{summary['seeds'][1]} (disjoint from the demo seeds); "
-              f"latency at batch 1 on {summary['machine']['cpu']}, {summary['machine']['threads']} thread(s)."]
+              f"latency at batch 1 on {m['cpu']}, {m['threads']} thread(s){load}."]
     return "\n".join(lines + schedule_lines(Path(cfg.checkpoint) / "schedules")) + "\n"
 
 
