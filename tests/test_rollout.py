@@ -225,6 +225,25 @@ def test_sweep_end_to_end_on_ray_is_resumable_and_writes_schema(tmp_path, capsys
     assert "| push2d | uncached |" in report.headline_table([json.loads(x) for x in summary.read_text().splitlines()])
 
 
+def test_frontier_table_compares_each_caching_point_with_the_best_step_reduction_no_slower():
+    from eval.report import frontier_table
+
+    def row(setting, method, ms, rate, low, high):
+        return dict(task="lift", setting=setting, method=method, latency_ms_p50=ms, success_rate=rate,
+                    ci_low=low, ci_high=high)
+
+    rows = [row("uncached", "uncached", 1000, 0.95, 0.89, 0.98), row("ddim10", "ddim", 100, 0.60, 0.50, 0.69),
+            row("ddim5", "ddim", 50, 0.30, 0.22, 0.40), row("bac10", "bac", 120, 0.90, 0.83, 0.94),
+            row("uniform8", "uniform", 90, 0.20, 0.13, 0.29), row("bac5", "bac", 60, 0.35, 0.26, 0.45),
+            row("uniform20", "uniform", 40, 0.10, 0.05, 0.17)]
+    lines = {x.split(" | ")[1]: x for x in frontier_table(rows).splitlines()[2:]}
+    assert set(lines) == {"bac10", "uniform8", "bac5", "uniform20"}
+    assert "| ddim10 (100 ms) | 0.60 | better |" in lines["bac10"]  # uncached is slower than 120 ms
+    assert "| ddim5 (50 ms) | 0.30 | worse |" in lines["uniform8"]
+    assert "| ddim5 (50 ms) | 0.30 | within CI |" in lines["bac5"]
+    assert "| none as fast | - |" in lines["uniform20"]
+
+
 def test_memory_check_reports_rss_over_the_loop(tmp_path):
     from eval import memory_check
 
