@@ -57,7 +57,8 @@ def plot_task(summary, task: str, out_dir) -> Path:
         label = r["method"] if r["method"] not in seen else None
         seen.add(r["method"])
         filled = "@" not in r["setting"] and not r["method"].startswith("compile")
-        y, err = r["success_rate"], [[r["success_rate"] - r["ci_low"]], [r["ci_high"] - r["success_rate"]]]
+        y = r["success_rate"]  # the Wilson bounds can miss 0 or 1 by a rounding error: clip the bars at 0
+        err = [[max(0.0, y - r["ci_low"])], [max(0.0, r["ci_high"] - y)]]
         ax.errorbar(r["latency_ms_p50"], y, yerr=err, fmt=marker, color=colour, ecolor=colour, alpha=0.8,
                     markerfacecolor=colour if filled else "white", capsize=2, label=label, zorder=2)
         ax.annotate(r["setting"], (r["latency_ms_p50"], y), fontsize=6, xytext=(3, 3), textcoords="offset points")

@@ -37,7 +37,7 @@ from policy_accel.cli import load_config  # noqa: E402
 @dataclass
 class RolloutConfig:
     checkpoint: str = "checkpoints/lift_dp_t"
-    methods: list[str] = field(default_factory=lambda: ["uncached", "ddim10", "ddim20", "ddim50"])
+    methods: list[str] = field(default_factory=lambda: ["uncached", "ddim10", "taylorseer4o2", "bac10"])
     episodes: int = 20
     seed: int = 100000  # first test seed
     num_envs: int = 20  # envs stepped in lockstep (batched inference)
