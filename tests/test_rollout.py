@@ -9,7 +9,7 @@ import torch
 
 import envs
 import policy_accel as pa
-from eval import bench_denoiser, rollout
+from eval import bench_denoiser, fidelity, rollout
 from eval.methods import apply_method, parse_method
 from policy_accel.cache.calibration import run as calibrate_cli
 from tests.test_train import write_zarr
@@ -185,6 +185,17 @@ def test_calibrate_cli_writes_schedules_that_methods_load(tmp_path):
     assert 0.2 < rows["bac4nb"]["flops_ratio"] < 0.35
     for r in rows.values():
         assert r["achieved_over_ideal"] == pytest.approx(r["speedup"] * r["flops_ratio"])
+
+    result = fidelity.main([f"checkpoint={ckpt}", "methods=[every_step,ddim5,uniform4,bac4nb,uniform2@ddim10]",
+                            "observations=6", "num_threads=1", f"out={tmp_path / 'fid.json'}"])
+    rows = {r["setting"]: r for r in result["results"]}
+    assert (tmp_path / "fid.png").is_file()
+    # same initial and per-step DDPM noise for every method: computing every block reproduces uncached exactly
+    assert rows["every_step"]["vs_native"] == {"mean_abs": 0.0, "p95_abs": 0.0, "last_dim_sign_flips": 0.0}
+    assert rows["ddim5"]["vs_base"]["mean_abs"] == 0.0 < rows["ddim5"]["vs_native"]["mean_abs"]
+    assert rows["uniform2@ddim10"]["base"] == "ddim10" and rows["uniform2@ddim10"]["vs_base"]["mean_abs"] > 0
+    assert rows["uniform4"]["vs_base"] == rows["uniform4"]["vs_native"] and rows["uniform4"]["vs_base"]["mean_abs"] > 0
+    assert rows["ddim5"]["flops_ratio"] == pytest.approx(5 / 20, rel=0.02)
 
 
 SUMMARY_FIELDS = {"policy", "task", "method", "setting", "n_episodes", "successes", "success_rate", "ci_low",
