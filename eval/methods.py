@@ -7,6 +7,7 @@
     taylorseer4o2            Taylor forecast (order 2), uniform refresh every 4 steps
     bac10 / bac10nb          BAC schedule with budget 10, with / without the Bubbling Union
     bac_taylor10o2           BAC schedule + Taylor forecast of order 2 (ours)
+    bac_taylor10o1f          ours, order 1, on a schedule calibrated against the order-1 forecast error
     diffusers_taylorseer4o1  diffusers' own TaylorSeer hook (warm-up 3), for comparison
     every_step               hooks on every block, all compute (measures the hook overhead)
     <any>@ddim20             the same on top of DDIM-20
@@ -34,7 +35,7 @@ _PATTERNS = {
     "uniform": r"uniform(?P<interval>\d+)",
     "taylorseer": r"taylorseer(?P<interval>\d+)o(?P<order>\d+)",
     "bac": r"bac(?P<budget>\d+)(?P<nb>nb)?",
-    "bac_taylor": r"bac_taylor(?P<budget>\d+)o(?P<order>\d+)(?P<nb>nb)?",
+    "bac_taylor": r"bac_taylor(?P<budget>\d+)o(?P<order>\d+)(?P<nb>nb)?(?P<f>f)?",
     "diffusers_taylorseer": r"diffusers_taylorseer(?P<interval>\d+)o(?P<order>\d+)",
 }
 BUBBLE_BLOCKS = 5
@@ -74,7 +75,10 @@ def parse_method(spec: str) -> Method:
                 raise ValueError(f"method {spec!r}: '@ddim' combines with cache methods only")
             if compiled and family.startswith("diffusers"):
                 raise ValueError(f"method {spec!r}: compile combines with our methods only")
-            params = {k: (v is not None if k == "nb" else int(v)) for k, v in m.groupdict().items()}
+            params = {k: (v is not None if k in ("nb", "f") else int(v)) for k, v in m.groupdict().items()}
+            if params.get("f") and params["order"] != 1:
+                raise ValueError(f"method {spec!r}: 'f' (schedule calibrated against the order-1 forecast) "
+                                 f"needs order 1")
             return Method(spec, family, params, base_steps, compiled)
     raise ValueError(f"unknown method {spec!r}; expected one of: {', '.join(_PATTERNS)} (see eval/methods.py)")
 
@@ -92,7 +96,8 @@ def schedule_path(method: Method, checkpoint_dir: str | Path, native: SamplerCon
         return None
     sampler = sampler_for(method, native)
     bubble = 0 if method.params["nb"] else BUBBLE_BLOCKS
-    name = schedule_name(method.params["budget"], bubble, sampler.kind, sampler.num_steps)
+    forecast_order = 1 if method.params.get("f") else 0
+    name = schedule_name(method.params["budget"], bubble, sampler.kind, sampler.num_steps, forecast_order)
     return Path(checkpoint_dir) / "schedules" / f"{name}.json"
 
 
@@ -100,7 +105,7 @@ def calibrate_command(method: Method, checkpoint_dir: str | Path, native: Sample
     sampler = sampler_for(method, native)
     return (f"python -m policy_accel.cache.calibrate checkpoint={checkpoint_dir} budget={method.params['budget']} "
             f"bubble_blocks={0 if method.params['nb'] else BUBBLE_BLOCKS} sampler={sampler.kind} "
-            f"steps={sampler.num_steps}")
+            f"steps={sampler.num_steps}" + (" forecast_order=1" if method.params.get("f") else ""))
 
 
 def apply_method(policy, method: Method, checkpoint_dir: str | Path, native: SamplerConfig):

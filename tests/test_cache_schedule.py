@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from policy_accel.cache import Forecaster, Schedule, acs_steps, bubbling_union, uniform_steps
-from policy_accel.cache.schedule import segment_scores
+from policy_accel.cache.schedule import forecast_acs_steps, segment_scores
 
 UNEVEN_T = [99.0, 97.0, 90.0, 88.5, 71.0, 70.0]
 
@@ -99,6 +99,42 @@ def test_acs_puts_updates_where_the_feature_jumps():
     assert acs_steps(sim, 2) == [0, 5]
     with pytest.raises(ValueError, match="budget"):
         acs_steps(sim, 9)
+
+
+def forecast_error_by_running_the_forecaster(feats: np.ndarray, t: np.ndarray, steps: list[int]) -> float:
+    """Total relative squared error of the order-1 Forecaster over the skipped steps, run as the engine does."""
+    forecaster, total = Forecaster(order=1), 0.0
+    for k, f in enumerate(torch.from_numpy(feats)):
+        if k in steps:
+            forecaster.update(float(t[k]), f)
+        else:
+            total += float(((forecaster.predict(float(t[k])) - f) ** 2).sum() / (f**2).sum())
+    return total
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("budget", [1, 2, 3, 5])
+def test_forecast_acs_matches_brute_force_over_the_real_forecaster_at_uneven_t(seed, budget):
+    rng = np.random.default_rng(seed)
+    K = 9
+    feats = rng.normal(size=(K, 5)).cumsum(axis=0)
+    t = np.sort(rng.uniform(0, 100, K))[::-1].copy()  # decreasing, unevenly spaced, like a sampler's t
+    steps = forecast_acs_steps(feats @ feats.T, t, budget)
+    best = min(forecast_error_by_running_the_forecaster(feats, t, [0, *rest])
+               for rest in itertools.combinations(range(1, K), budget - 1))
+    assert steps[0] == 0 and len(steps) == budget == len(set(steps))
+    assert forecast_error_by_running_the_forecaster(feats, t, steps) == pytest.approx(best, rel=1e-9, abs=1e-12)
+
+
+def test_forecast_acs_skips_steps_a_line_predicts_and_rejects_bad_input():
+    t = np.array([9.0, 7.0, 4.0, 3.0, 1.0, 0.0])
+    feats = np.stack([1 + 2 * t, 1 - t, 5 + 0 * t], axis=1)  # linear in t: two points predict all
+    steps = forecast_acs_steps(feats @ feats.T, t, 2)
+    assert forecast_error_by_running_the_forecaster(feats, t, steps) == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="budget"):
+        forecast_acs_steps(feats @ feats.T, t, 7)
+    with pytest.raises(ValueError, match="distinct"):
+        forecast_acs_steps(feats @ feats.T, np.zeros(6), 2)
 
 
 def test_bubbling_union_matches_definition_on_hand_made_case():

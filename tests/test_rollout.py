@@ -175,6 +175,17 @@ def test_calibrate_cli_writes_schedules_that_methods_load(tmp_path):
         assert policy.acceleration is None
     with pytest.raises(FileNotFoundError, match="policy_accel.cache.calibrate"):
         apply_method(policy, parse_method("bac7"), ckpt, policy.config.sampler)
+    with pytest.raises(FileNotFoundError, match="forecast_order=1"):
+        apply_method(policy, parse_method("bac_taylor4o1f"), ckpt, policy.config.sampler)
+    written = calibrate_cli([f"checkpoint={ckpt}", "budget=4", "bubble_blocks=0", "observations=4",
+                             "forecast_order=1", "num_threads=1"])
+    assert [p.name for p in written] == ["bac_s4_b0_ddpm20_f1.json"]
+    assert pa.Schedule.load(written[0]).calibration["criterion"] == "order-1 forecast error"
+    apply_method(policy, parse_method("bac_taylor4o1nbf"), ckpt, policy.config.sampler).remove()
+    with pytest.raises(ValueError, match="forecast_order"):
+        calibrate_cli([f"checkpoint={ckpt}", "budget=4", "forecast_order=2"])
+    with pytest.raises(ValueError, match="needs order 1"):
+        parse_method("bac_taylor4o2f")
 
     result = bench_denoiser.main([f"checkpoint={ckpt}", "methods=[uncached,every_step,ddim5,uniform4,bac4nb]",
                                   "observations=2", "rounds=2", "repeats=2", f"out={tmp_path / 'bench.json'}"])

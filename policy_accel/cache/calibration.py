@@ -7,6 +7,11 @@ BAC schedules from it.
 CLI (observations from the checkpoint's demo dataset; one profile, one schedule per budget x bubble_blocks):
     python -m policy_accel.cache.calibrate checkpoint=checkpoints/lift_dp_t budget=10 [bubble_blocks=5]
     python -m policy_accel.cache.calibrate checkpoint=... 'budget=[5,10,20]' 'bubble_blocks=[0,5]' sampler=ddim steps=20
+    python -m policy_accel.cache.calibrate checkpoint=... budget=10 forecast_order=1   # for BAC+Taylor order 1
+
+forecast_order=0 (default) is BAC's criterion: choose the steps that minimise the reuse error (cosine).
+forecast_order=1 chooses them against the error of the linear forecast that BAC+Taylor order 1 makes
+in the gaps (schedule.forecast_acs_steps).
 """
 
 import sys
@@ -20,7 +25,7 @@ from omegaconf import MISSING
 from tqdm import tqdm
 
 from policy_accel.cache.hooks import BlockInfo, find_blocks
-from policy_accel.cache.schedule import Schedule, acs_steps, bubbling_union
+from policy_accel.cache.schedule import Schedule, acs_steps, bubbling_union, forecast_acs_steps
 
 
 @dataclass
@@ -31,6 +36,11 @@ class BlockProfile:
     volatility: dict[str, float]  # mean over step pairs of mean |F_i - F_j|
     per_sample_similarity: dict[str, list[np.ndarray]]  # one (K, K) matrix per observation
     n_observations: int
+    gram: dict[str, np.ndarray] | None = None  # (K, K) mean <F_i, F_j> over observations
+    per_sample_gram: dict[str, list[np.ndarray]] | None = None  # the first STABILITY_SAMPLES observations
+    timesteps: list[float] | None = None  # the sampler's t at each step
+
+STABILITY_SAMPLES = 8  # observations whose own forecast-criterion schedules measure stability (K^3 DP each)
 
 
 class _StepRecorder:
@@ -49,6 +59,7 @@ class _StepRecorder:
         return record
 
     def begin_chunk(self, batch_size, timesteps):
+        self.timesteps = [float(t) for t in timesteps]
         for f in self.feats.values():
             f.clear()
 
@@ -75,6 +86,7 @@ def profile_blocks(policy, observations: list, blocks: list[BlockInfo], batch_si
     recorder = _StepRecorder(policy.model, blocks)
     policy.sampling_hooks.append(recorder)
     sims = {b.name: [] for b in blocks}
+    grams = {b.name: [] for b in blocks}
     vol_sum = {b.name: 0.0 for b in blocks}
     try:
         for start in tqdm(range(0, len(observations), batch_size), desc="calibrate", unit="batch"):
@@ -86,6 +98,7 @@ def profile_blocks(policy, observations: list, blocks: list[BlockInfo], batch_si
                 K, D = feats.shape[1], feats.shape[2]
                 for f in feats:
                     sims[name].append(_cosine_matrix(f).numpy())
+                    grams[name].append((f.double() @ f.double().T).numpy())
                     dist = torch.cdist(f.double(), f.double(), p=1) / D  # (K, K) mean |F_i - F_j|
                     vol_sum[name] += float(dist.sum() / (K * (K - 1))) if K > 1 else 0.0
     finally:
@@ -98,6 +111,9 @@ def profile_blocks(policy, observations: list, blocks: list[BlockInfo], batch_si
         volatility={name: v / n for name, v in vol_sum.items()},
         per_sample_similarity=sims,
         n_observations=n,
+        gram={name: np.mean(g, axis=0) for name, g in grams.items()},
+        per_sample_gram={name: g[:STABILITY_SAMPLES] for name, g in grams.items()},
+        timesteps=recorder.timesteps,
     )
 
 
@@ -106,18 +122,21 @@ def _jaccard(a: list[int], b: list[int]) -> float:
 
 
 def calibrate(policy, observations: list, budget: int, bubble_blocks: int = 5, blocks: str | None = None,
-              batch_size: int = 8, description: str = "") -> Schedule:
-    """BAC schedule for `policy`: ACS per block on the mean similarity, then the Bubbling Union.
+              batch_size: int = 8, description: str = "", forecast_order: int = 0) -> Schedule:
+    """BAC schedule for `policy`: ACS per block on the mean similarity (forecast_order=0) or on the
+    order-1 forecast error (forecast_order=1), then the Bubbling Union.
 
     The schedule records how stable each block's chosen steps are across observations
     (mean Jaccard index between the per-observation ACS steps and the aggregate ones).
     """
-    infos = _check_uncached(policy, blocks, [budget])
+    infos = _check_uncached(policy, blocks, [budget], forecast_order)
     profile = profile_blocks(policy, observations, infos, batch_size)
-    return schedule_from_profile(policy, profile, infos, budget, bubble_blocks, description)
+    return schedule_from_profile(policy, profile, infos, budget, bubble_blocks, description, forecast_order)
 
 
-def _check_uncached(policy, blocks: str | None, budgets: list[int]) -> list[BlockInfo]:
+def _check_uncached(policy, blocks: str | None, budgets: list[int], forecast_order: int = 0) -> list[BlockInfo]:
+    if forecast_order not in (0, 1):
+        raise ValueError(f"forecast_order must be 0 (reuse error) or 1 (linear forecast error), got {forecast_order}")
     if getattr(policy, "acceleration", None) is not None:
         raise RuntimeError("calibrate an uncached policy: call pa.remove_acceleration(policy) first")
     num_steps = policy.sampler.num_steps
@@ -128,14 +147,24 @@ def _check_uncached(policy, blocks: str | None, budgets: list[int]) -> list[Bloc
 
 
 def schedule_from_profile(policy, profile: BlockProfile, infos: list[BlockInfo], budget: int, bubble_blocks: int,
-                          description: str = "") -> Schedule:
-    acs = {b.name: acs_steps(profile.similarity[b.name], budget) for b in infos}
+                          description: str = "", forecast_order: int = 0) -> Schedule:
+    if forecast_order == 0:  # BAC: the statistic is the cosine similarity matrix
+        stat, samples = profile.similarity, profile.per_sample_similarity
+
+        def choose(similarity):
+            return acs_steps(similarity, budget)
+    elif forecast_order == 1:  # the statistic is the Gram matrix, from which forecast errors follow
+        stat, samples = profile.gram, profile.per_sample_gram
+
+        def choose(gram):
+            return forecast_acs_steps(gram, profile.timesteps, budget)
+    else:
+        raise ValueError(f"forecast_order must be 0 (reuse error) or 1 (linear forecast error), got {forecast_order}")
+
+    acs = {b.name: choose(stat[b.name]) for b in infos}
     steps = bubbling_union(acs, profile.volatility, {b.name: b.layer for b in infos},
                            {b.name for b in infos if b.is_ffn}, bubble_blocks)
-    stability = {
-        name: float(np.mean([_jaccard(acs_steps(s, budget), acs[name]) for s in per_sample]))
-        for name, per_sample in profile.per_sample_similarity.items()
-    }
+    stability = {name: float(np.mean([_jaccard(choose(x), acs[name]) for x in xs])) for name, xs in samples.items()}
     from policy_accel import __version__
 
     return Schedule(
@@ -149,6 +178,7 @@ def schedule_from_profile(policy, profile: BlockProfile, infos: list[BlockInfo],
         calibration={
             "description": description,
             "n_observations": profile.n_observations,
+            "criterion": "reuse (cosine)" if forecast_order == 0 else "order-1 forecast error",
             "mean_jaccard_to_aggregate": float(np.mean(list(stability.values()))),
             "jaccard_per_block": stability,
             "volatility": profile.volatility,
@@ -158,9 +188,9 @@ def schedule_from_profile(policy, profile: BlockProfile, infos: list[BlockInfo],
     )
 
 
-def schedule_name(budget: int, bubble_blocks: int, sampler: str, num_steps: int) -> str:
+def schedule_name(budget: int, bubble_blocks: int, sampler: str, num_steps: int, forecast_order: int = 0) -> str:
     """File stem under <checkpoint>/schedules/ that eval/methods.py looks up."""
-    return f"bac_s{budget}_b{bubble_blocks}_{sampler}{num_steps}"
+    return f"bac_s{budget}_b{bubble_blocks}_{sampler}{num_steps}" + (f"_f{forecast_order}" if forecast_order else "")
 
 
 def demo_observations(dataset, n: int, n_obs_steps: int, seed: int = 0) -> list[np.ndarray]:
@@ -189,6 +219,7 @@ class CalibrateConfig:
     seed: int = 0
     num_threads: int = 2
     out_dir: str | None = None  # default <checkpoint>/schedules
+    forecast_order: int = 0  # 0: BAC's reuse criterion; 1: the order-1 forecast error (for BAC+Taylor o1)
 
 
 def run(argv: list[str]) -> list[Path]:
@@ -207,15 +238,15 @@ def run(argv: list[str]) -> list[Path]:
     if not dataset:
         raise SystemExit(f"{cfg.checkpoint} names no training dataset; pass dataset=<path.zarr>")
     obs = demo_observations(dataset, cfg.observations, policy.config.n_obs_steps, cfg.seed)
-    infos = _check_uncached(policy, cfg.blocks, budgets)
+    infos = _check_uncached(policy, cfg.blocks, budgets, cfg.forecast_order)
     profile = profile_blocks(policy, obs, infos, cfg.batch_size)
     description = f"{len(obs)} observation histories drawn from {dataset} (seed {cfg.seed})"
     out_dir = Path(cfg.out_dir or Path(cfg.checkpoint) / "schedules")
     written = []
     for budget in budgets:
         for bubble in bubbles:
-            sched = schedule_from_profile(policy, profile, infos, budget, bubble, description)
-            path = out_dir / f"{schedule_name(budget, bubble, sched.sampler, sched.num_steps)}.json"
+            sched = schedule_from_profile(policy, profile, infos, budget, bubble, description, cfg.forecast_order)
+            path = out_dir / f"{schedule_name(budget, bubble, sched.sampler, sched.num_steps, cfg.forecast_order)}.json"
             sched.save(path)
             written.append(path)
             print(f"{path}: computes {sched.computed_fraction():.1%} of block-steps, "

@@ -2,6 +2,7 @@
 
     uniform_steps(num_steps, interval)          every block on steps 0, N, 2N, ...
     acs_steps(similarity, budget)               BAC's Adaptive Caching Scheduler (dynamic program)
+    forecast_acs_steps(gram, t, budget)         the same against the error of a linear forecast in t
     bubbling_union(steps, volatility, ffn, n)   BAC's Bubbling Union across layers
 
 A `Schedule` is bound to the checkpoint, sampler and step count it was made for; loading it onto
@@ -61,6 +62,60 @@ def acs_steps(similarity: np.ndarray, budget: int) -> list[int]:
         steps.append(j)
         i = j - 1
     return [0, *sorted(steps)]
+
+
+def linear_forecast_errors(gram: np.ndarray, t) -> np.ndarray:
+    """err[a + 1, b, j]: squared error of forecasting a block's output at step j > b from its outputs
+    at computed steps a < b, linearly in the sampler's t (order 1, as Forecaster does); row 0
+    (a = -1, only b computed so far) is the reuse error. Relative to |F_j|^2, from the Gram matrix
+    gram[i, j] = <F_i, F_j> alone. Zero where j <= b."""
+    G = np.asarray(gram, dtype=np.float64)
+    t = np.asarray(t, dtype=np.float64)
+    K = G.shape[0]
+    if G.shape != (K, K) or t.shape != (K,):
+        raise ValueError(f"gram must be (K, K) and t (K,), got {G.shape} and {t.shape}")
+    if len(set(t.tolist())) != K:
+        raise ValueError("the step positions t must be distinct")
+    d = np.diag(G)
+    a, b, j = np.ogrid[:K, :K, :K]
+    reuse = d[j] - 2 * G[b, j] + d[b]  # |F_j - F_b|^2, (1, K, K)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = (t[j] - t[b]) / (t[b] - t[a])  # forecast weight on the slope, (K, K, K)
+        cross = G[b, j] - G[a, j] - d[b] + G[a, b]  # <F_j - F_b, F_b - F_a>
+        slope2 = d[b] - 2 * G[a, b] + d[a]  # |F_b - F_a|^2
+        linear = reuse - 2 * r * cross + r**2 * slope2
+    err = np.concatenate([reuse, linear]) / np.maximum(d, 1e-12)[None, None, :]
+    valid = np.concatenate([np.ones((1, K, 1), bool), a < b]) & (j > b)
+    return np.where(valid, np.maximum(err, 0.0), 0.0)
+
+
+def forecast_acs_steps(gram: np.ndarray, t, budget: int) -> list[int]:
+    """Choose `budget` compute steps (step 0 always) minimising the total relative error of the order-1
+    forecast that fills every skipped step from the last two computed ones (reuse after step 0 alone).
+    Dynamic program over (previous, last) computed step pairs: O(budget * K^3) time, O(budget * K^2) memory."""
+    err = linear_forecast_errors(gram, t)
+    K = err.shape[1]
+    if not 1 <= budget <= K:
+        raise ValueError(f"budget must be in [1, {K}] for {K} steps, got {budget}")
+    # cost[a + 1, b, c]: error of the skipped steps b < j < c, with a, b the last two computed steps
+    cost = np.concatenate([np.zeros((K + 1, K, 1)), np.cumsum(err, axis=2)], axis=2)
+    best = np.full((K + 1, K), np.inf)  # best[a + 1, b]: steps 0..b covered, last two computed a < b
+    best[0, 0] = 0.0
+    back = []
+    later = np.arange(K)[:, None] < np.arange(K)[None, :]  # c > b
+    for _ in range(budget - 1):
+        cand = best[:, :, None] + cost[:, :, :K]  # (a + 1, b, c): next computed step c
+        arg = np.argmin(cand, axis=0)  # (b, c)
+        new = np.full((K + 1, K), np.inf)
+        new[1:] = np.where(later, np.take_along_axis(cand, arg[None], 0)[0], np.inf)
+        back.append(arg)
+        best = new
+    prev, last = np.unravel_index(np.argmin(best + cost[:, :, K]), best.shape)
+    steps = [int(last)]
+    for arg in reversed(back):
+        prev, last = arg[prev - 1, last], prev - 1
+        steps.append(int(last))
+    return sorted(steps)
 
 
 def bubbling_union(
