@@ -113,17 +113,21 @@ def plot(result: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in result["results"]:
-        colour, marker = FAMILY_STYLE.get(r["method"].removeprefix("compile+"), ("grey", "o"))
-        ax.scatter(r["flops_ratio"], r["vs_native"]["mean_abs"], color=colour, marker=marker, s=50)
-        ax.annotate(r["setting"], (r["flops_ratio"], r["vs_native"]["mean_abs"]), fontsize=7,
-                    xytext=(3, 3), textcoords="offset points")
-    ax.set_xscale("log")
-    ax.set_xlabel("FLOPs per chunk / uncached")
-    ax.set_ylabel("mean |action - uncached action|")
-    ax.set_title(f"{Path(result['checkpoint']).name}: offline fidelity, {result['observations']} demo observations")
-    ax.grid(alpha=0.3)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), sharex=True)
+    titles = {"vs_native": "vs uncached on the native sampler",
+              "vs_base": "vs uncached on its own sampler (cache error)"}
+    for ax, (key, title) in zip(axes, titles.items(), strict=True):
+        for r in result["results"]:
+            colour, marker = FAMILY_STYLE.get(r["method"].removeprefix("compile+"), ("grey", "o"))
+            x, y = r["flops_ratio"], r[key]["mean_abs"]
+            ax.scatter(x, y, color=colour, marker=marker, s=50)
+            ax.annotate(r["setting"], (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel("FLOPs per chunk / uncached")
+        ax.set_ylabel("mean |Δ action|")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{Path(result['checkpoint']).name}: offline fidelity, {result['observations']} demo observations")
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
