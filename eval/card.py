@@ -92,13 +92,15 @@ def schedule_lines(folder: Path) -> list[str]:
         return []
     lines = ["", "## Shipped schedules", "",
              "Stability: mean Jaccard similarity between each calibration observation's own schedule and "
-             "the shipped one (1 = every observation picks the same steps).", "",
-             "| file | sampler | budget S | bubbling union blocks | block-steps computed | stability |",
-             "|---|---|---|---|---|---|"]
-    schedules.sort(key=lambda x: (-x[0].num_steps, x[0].sampler, x[0].budget, x[0].bubble_blocks))
+             "the shipped one (1 = every observation picks the same steps; measured on the first 8 "
+             "observations for the forecast criterion).", "",
+             "| file | sampler | budget S | bubbling union blocks | criterion | block-steps computed | stability |",
+             "|---|---|---|---|---|---|---|"]
+    schedules.sort(key=lambda x: (-x[0].num_steps, x[0].sampler, x[0].budget, x[0].bubble_blocks, x[1]))
     for s, name in schedules:
+        criterion = s.calibration.get("criterion", "reuse (cosine)")
         lines.append(f"| `schedules/{name}` | {s.sampler.upper()}-{s.num_steps} | {s.budget} | "
-                     f"{s.bubble_blocks} | {s.computed_fraction():.1%} | "
+                     f"{s.bubble_blocks} | {criterion} | {s.computed_fraction():.1%} | "
                      f"{s.calibration['mean_jaccard_to_aggregate']:.2f} |")
     lines += ["", f"Calibration data: {s.calibration['description']}."]
     return lines
