@@ -37,14 +37,14 @@ from policy_accel.cli import load_config  # noqa: E402
 @dataclass
 class RolloutConfig:
     checkpoint: str = "checkpoints/lift_dp_t"
-    methods: list[str] = field(default_factory=lambda: ["uncached", "ddim10", "taylorseer4o2", "bac10"])
+    methods: list[str] = field(default_factory=lambda: ["uncached", "ddim10", "bac10nb", "bac_taylor5o1f@ddim20"])
     episodes: int = 20
     seed: int = 100000  # first test seed
     num_envs: int = 20  # envs stepped in lockstep (batched inference)
     latency_rounds: int = 5  # batch-1 timing in interleaved rounds over the methods ...
     latency_repeats: int = 6  # ... of this many chunks each (rounds x repeats chunks per method)
     latency_warmup: int = 2
-    num_threads: int = 1  # torch threads (2 did not help DP-T at batch 1 on this machine)
+    num_threads: int = 2  # torch threads (the sweep times latency with 1 per task)
     device: str = "cpu"
     out: str | None = None  # default outputs/rollout_<task>.json (not committed)
     progress: bool = True

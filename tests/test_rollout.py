@@ -100,7 +100,7 @@ def test_envs_hold_after_success_and_mixed_batches_finish():
 
 def test_method_strings_parse_and_reject_typos():
     m = parse_method("bac_taylor10o2nb@ddim20")
-    assert (m.family, m.params, m.base_steps) == ("bac_taylor", {"budget": 10, "order": 2, "nb": True}, 20)
+    assert (m.family, m.params, m.base_steps) == ("bac_taylor", {"budget": 10, "order": 2, "nb": True, "f": False}, 20)
     assert parse_method("taylorseer4o1").params == {"interval": 4, "order": 1}
     for bad in ("bac", "ddim", "fast", "ddim10@ddim20", "uniform4@ddpm50"):
         with pytest.raises(ValueError, match=bad.split("@")[0] if bad != "fast" else "unknown method"):
@@ -139,7 +139,7 @@ def test_rollout_end_to_end_on_push2d_writes_summary(tmp_path):
     text = card.main([f"checkpoint={ckpt}", f"run_dir={tmp_path / 'run'}", f"rollout={out}"]).read_text()
     u = by["uncached"]
     assert f"| uncached | {u['successes']}/5 | [{u['ci_low']:.2f}, {u['ci_high']:.2f}]" in text and "1.0 h" in text
-    assert "| `schedules/bac_s2_b0_ddpm20.json` | DDPM-20 | 2 | 0 | 12.5% | 0.50 |" in text
+    assert "| `schedules/bac_s2_b0_ddpm20.json` | DDPM-20 | 2 | 0 | reuse (cosine) | 12.5% | 0.50 |" in text
 
 
 def test_rollout_rejects_bad_config(tmp_path):
