@@ -10,7 +10,6 @@ chunk latency, speedup over uncached, FLOP ratio (counted by torch's FlopCounter
 and achieved / ideal = speedup x FLOP ratio (1.0 = the time saved matches the FLOPs saved).
 """
 
-import json
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python eval/ben
 import policy_accel as pa  # noqa: E402
 from eval.methods import apply_method, parse_method  # noqa: E402
 from policy_accel.cache.calibration import demo_observations  # noqa: E402
-from policy_accel.cli import load_config  # noqa: E402
+from policy_accel.cli import load_config, write_json  # noqa: E402
 
 
 @dataclass
@@ -118,8 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{r['setting']:<24}{r['latency_ms_p50']:>10.1f}{r['speedup']:>9.2f}{r['flops_ratio']:>8.3f}"
               f"{r['achieved_over_ideal']:>16.2f}")
     out = Path(cfg.out or f"outputs/bench_{Path(cfg.checkpoint).name}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    write_json(out, result)
     print(f"wrote {out}")
     return result
 

@@ -17,7 +17,6 @@ all chunk entries, and the fraction of chunk entries whose last action dimension
 robosuite tasks) changes sign. Writes JSON and a PNG of error vs FLOP ratio.
 """
 
-import json
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,7 +31,7 @@ import policy_accel as pa  # noqa: E402
 from eval.methods import Method, apply_method, parse_method  # noqa: E402
 from eval.report import FAMILY_STYLE  # noqa: E402
 from policy_accel.cache.calibration import demo_observations  # noqa: E402
-from policy_accel.cli import load_config  # noqa: E402
+from policy_accel.cli import load_config, write_json  # noqa: E402
 
 
 @dataclass
@@ -145,8 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{r['setting']:<26}{r['flops_ratio']:>7.3f}{r['base']:>10}{b['mean_abs']:>14.4f}{n['mean_abs']:>16.4f}"
               f"{n['p95_abs']:>15.4f}{n['last_dim_sign_flips']:>16.1%}")
     out = Path(cfg.out or f"outputs/fidelity_{Path(cfg.checkpoint).name}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    write_json(out, result)
     print(f"wrote {out}")
     if cfg.plot:
         plot(result, out.with_suffix(".png"))

@@ -11,7 +11,6 @@ this process (eval/bench_denoiser.time_methods). Method strings are listed in ev
 Prints a table; writes a JSON summary.
 """
 
-import json
 import math
 import os
 import platform
@@ -31,7 +30,7 @@ import envs  # noqa: E402
 import policy_accel as pa  # noqa: E402
 from eval.bench_denoiser import time_methods  # noqa: E402
 from eval.methods import apply_method, parse_method  # noqa: E402
-from policy_accel.cli import load_config  # noqa: E402
+from policy_accel.cli import load_config, write_json  # noqa: E402
 
 
 @dataclass
@@ -234,8 +233,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = load_config(RolloutConfig, sys.argv[1:] if argv is None else argv, "rollout.yaml")
     summary = evaluate(cfg)
     out = Path(cfg.out or f"outputs/rollout_{summary['task']}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(summary, indent=1) + "\n")
+    write_json(out, summary)
     m = summary["machine"]
     print(f"{summary['task']}: {cfg.checkpoint}, seeds {summary['seeds'][0]}..{summary['seeds'][1]}, "
           f"latency at batch 1 on {m['cpu']} ({m['threads']} thread(s), torch {m['torch']})")

@@ -4,6 +4,7 @@
 """
 
 import dataclasses
+import json
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -27,3 +28,11 @@ def load_config(schema, argv: list[str], yaml_name: str | None = None):
         raise SystemExit(f"bad option: {str(e).splitlines()[0]}; keys: {keys}") from None
     except ValueError as e:  # a schema's __post_init__ check
         raise SystemExit(f"bad option: {e}") from None
+
+
+def write_json(path, data) -> Path:
+    """Write `data` as indented JSON, creating the folder; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1) + "\n")
+    return path
