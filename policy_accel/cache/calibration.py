@@ -74,9 +74,14 @@ class _StepRecorder:
             h.remove()
 
 
-def _cosine_matrix(f: torch.Tensor) -> torch.Tensor:
-    f = torch.nn.functional.normalize(f.double(), dim=-1)  # (K, D)
-    return f @ f.T
+def _cosine_from_gram(gram: torch.Tensor) -> torch.Tensor:
+    norm = gram.diagonal().sqrt().clamp_min(1e-12)  # as F.normalize: |F_i|, at least eps
+    return gram / (norm[:, None] * norm[None, :])
+
+
+def _check_forecast_order(forecast_order: int) -> None:
+    if forecast_order not in (0, 1):
+        raise ValueError(f"forecast_order must be 0 (reuse error) or 1 (linear forecast error), got {forecast_order}")
 
 
 def profile_blocks(policy, observations: list, blocks: list[BlockInfo], batch_size: int = 8) -> BlockProfile:
@@ -86,7 +91,8 @@ def profile_blocks(policy, observations: list, blocks: list[BlockInfo], batch_si
     recorder = _StepRecorder(policy.model, blocks)
     policy.sampling_hooks.append(recorder)
     sims = {b.name: [] for b in blocks}
-    grams = {b.name: [] for b in blocks}
+    gram_sum = {b.name: 0.0 for b in blocks}
+    grams = {b.name: [] for b in blocks}  # per observation, the first STABILITY_SAMPLES only
     vol_sum = {b.name: 0.0 for b in blocks}
     try:
         for start in tqdm(range(0, len(observations), batch_size), desc="calibrate", unit="batch"):
@@ -97,8 +103,11 @@ def profile_blocks(policy, observations: list, blocks: list[BlockInfo], batch_si
                 feats = torch.stack(steps, dim=1)  # (B, K, D)
                 K, D = feats.shape[1], feats.shape[2]
                 for f in feats:
-                    sims[name].append(_cosine_matrix(f).numpy())
-                    grams[name].append((f.double() @ f.double().T).numpy())
+                    gram = f.double() @ f.double().T  # (K, K) <F_i, F_j>
+                    sims[name].append(_cosine_from_gram(gram).numpy())
+                    gram_sum[name] = gram_sum[name] + gram.numpy()
+                    if len(grams[name]) < STABILITY_SAMPLES:
+                        grams[name].append(gram.numpy())
                     dist = torch.cdist(f.double(), f.double(), p=1) / D  # (K, K) mean |F_i - F_j|
                     vol_sum[name] += float(dist.sum() / (K * (K - 1))) if K > 1 else 0.0
     finally:
@@ -111,8 +120,8 @@ def profile_blocks(policy, observations: list, blocks: list[BlockInfo], batch_si
         volatility={name: v / n for name, v in vol_sum.items()},
         per_sample_similarity=sims,
         n_observations=n,
-        gram={name: np.mean(g, axis=0) for name, g in grams.items()},
-        per_sample_gram={name: g[:STABILITY_SAMPLES] for name, g in grams.items()},
+        gram={name: g / n for name, g in gram_sum.items()},
+        per_sample_gram=grams,
         timesteps=recorder.timesteps,
     )
 
@@ -135,8 +144,7 @@ def calibrate(policy, observations: list, budget: int, bubble_blocks: int = 5, b
 
 
 def _check_uncached(policy, blocks: str | None, budgets: list[int], forecast_order: int = 0) -> list[BlockInfo]:
-    if forecast_order not in (0, 1):
-        raise ValueError(f"forecast_order must be 0 (reuse error) or 1 (linear forecast error), got {forecast_order}")
+    _check_forecast_order(forecast_order)
     if getattr(policy, "acceleration", None) is not None:
         raise RuntimeError("calibrate an uncached policy: call pa.remove_acceleration(policy) first")
     num_steps = policy.sampler.num_steps
@@ -148,18 +156,17 @@ def _check_uncached(policy, blocks: str | None, budgets: list[int], forecast_ord
 
 def schedule_from_profile(policy, profile: BlockProfile, infos: list[BlockInfo], budget: int, bubble_blocks: int,
                           description: str = "", forecast_order: int = 0) -> Schedule:
+    _check_forecast_order(forecast_order)
     if forecast_order == 0:  # BAC: the statistic is the cosine similarity matrix
         stat, samples = profile.similarity, profile.per_sample_similarity
 
         def choose(similarity):
             return acs_steps(similarity, budget)
-    elif forecast_order == 1:  # the statistic is the Gram matrix, from which forecast errors follow
+    else:  # the statistic is the Gram matrix, from which forecast errors follow
         stat, samples = profile.gram, profile.per_sample_gram
 
         def choose(gram):
             return forecast_acs_steps(gram, profile.timesteps, budget)
-    else:
-        raise ValueError(f"forecast_order must be 0 (reuse error) or 1 (linear forecast error), got {forecast_order}")
 
     acs = {b.name: choose(stat[b.name]) for b in infos}
     steps = bubbling_union(acs, profile.volatility, {b.name: b.layer for b in infos},
