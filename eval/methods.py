@@ -9,13 +9,15 @@
     bac_taylor10o2           BAC schedule + Taylor forecast of order 2 (ours)
     bac_taylor10o1f          ours, order 1, on a schedule calibrated against the order-1 forecast error
     diffusers_taylorseer4o1  diffusers' own TaylorSeer hook (warm-up 3), for comparison
+    diffusers_fbc0.05        diffusers' First Block Cache on whole layers, threshold 0.05 (dynamic)
+    diffusers_magcache0.06   diffusers' MagCache on the layer stack, threshold 0.06 (calibrated ratios)
     every_step               hooks on every block, all compute (measures the hook overhead)
     <any>@ddim20             the same on top of DDIM-20
     compile / compile+ddim10 torch.compile of the whole denoiser (one graph), native sampler / DDIM-10
     compile+<method>         the method with each block's computation compiled (the cache logic stays eager)
 
-BAC settings read `checkpoints/<name>/schedules/<schedule_name(...)>.json`, made by
-`python -m policy_accel.cache.calibrate`.
+BAC settings read `checkpoints/<name>/schedules/<schedule_name(...)>.json` and MagCache reads
+`.../schedules/magcache_<sampler><steps>.json`, both made by `python -m policy_accel.cache.calibrate`.
 """
 
 import re
@@ -24,7 +26,13 @@ from pathlib import Path
 
 import policy_accel as pa
 from policy_accel.cache.calibration import schedule_name
-from policy_accel.cache.peers import apply_diffusers_taylorseer
+from policy_accel.cache.peers import (
+    MagRatios,
+    apply_diffusers_first_block_cache,
+    apply_diffusers_mag_cache,
+    apply_diffusers_taylorseer,
+    mag_ratios_name,
+)
 from policy_accel.sampling import SamplerConfig
 
 _PATTERNS = {
@@ -37,6 +45,8 @@ _PATTERNS = {
     "bac": r"bac(?P<budget>\d+)(?P<nb>nb)?",
     "bac_taylor": r"bac_taylor(?P<budget>\d+)o(?P<order>\d+)(?P<nb>nb)?(?P<f>f)?",
     "diffusers_taylorseer": r"diffusers_taylorseer(?P<interval>\d+)o(?P<order>\d+)",
+    "diffusers_fbc": r"diffusers_fbc(?P<threshold>\d+\.\d+)",
+    "diffusers_magcache": r"diffusers_magcache(?P<threshold>\d+\.\d+)",
 }
 BUBBLE_BLOCKS = 5
 DIFFUSERS_WARMUP = 3
@@ -75,7 +85,8 @@ def parse_method(spec: str) -> Method:
                 raise ValueError(f"method {spec!r}: '@ddim' combines with cache methods only")
             if compiled and family.startswith("diffusers"):
                 raise ValueError(f"method {spec!r}: compile combines with our methods only")
-            params = {k: (v is not None if k in ("nb", "f") else int(v)) for k, v in m.groupdict().items()}
+            params = {k: (v is not None if k in ("nb", "f") else float(v) if k == "threshold" else int(v))
+                      for k, v in m.groupdict().items()}
             if params.get("f") and params["order"] != 1:
                 raise ValueError(f"method {spec!r}: 'f' (schedule calibrated against the order-1 forecast) "
                                  f"needs order 1")
@@ -91,10 +102,12 @@ def sampler_for(method: Method, native: SamplerConfig) -> SamplerConfig:
 
 
 def schedule_path(method: Method, checkpoint_dir: str | Path, native: SamplerConfig) -> Path | None:
-    """The calibrated schedule a BAC method reads (None for methods without one)."""
+    """The calibrated schedule a BAC method (or MagCache's ratios) reads (None for methods without one)."""
+    sampler = sampler_for(method, native)
+    if method.family == "diffusers_magcache":
+        return Path(checkpoint_dir) / "schedules" / f"{mag_ratios_name(sampler.kind, sampler.num_steps)}.json"
     if method.family not in ("bac", "bac_taylor"):
         return None
-    sampler = sampler_for(method, native)
     bubble = 0 if method.params["nb"] else BUBBLE_BLOCKS
     forecast_order = 1 if method.params.get("f") else 0
     name = schedule_name(method.params["budget"], bubble, sampler.kind, sampler.num_steps, forecast_order)
@@ -103,6 +116,9 @@ def schedule_path(method: Method, checkpoint_dir: str | Path, native: SamplerCon
 
 def calibrate_command(method: Method, checkpoint_dir: str | Path, native: SamplerConfig) -> str:
     sampler = sampler_for(method, native)
+    if method.family == "diffusers_magcache":
+        return (f"python -m policy_accel.cache.calibrate checkpoint={checkpoint_dir} magcache=true "
+                f"sampler={sampler.kind} steps={sampler.num_steps}")
     return (f"python -m policy_accel.cache.calibrate checkpoint={checkpoint_dir} budget={method.params['budget']} "
             f"bubble_blocks={0 if method.params['nb'] else BUBBLE_BLOCKS} sampler={sampler.kind} "
             f"steps={sampler.num_steps}" + (" forecast_order=1" if method.params.get("f") else ""))
@@ -123,6 +139,14 @@ def apply_method(policy, method: Method, checkpoint_dir: str | Path, native: Sam
         return None
     if fam == "diffusers_taylorseer":
         return apply_diffusers_taylorseer(policy, p["interval"], p["order"], DIFFUSERS_WARMUP)
+    if fam == "diffusers_fbc":
+        return apply_diffusers_first_block_cache(policy, p["threshold"])
+    path = schedule_path(method, checkpoint_dir, native)
+    if path is not None and not path.is_file():
+        raise FileNotFoundError(f"method {method.spec!r} needs {path}; make it with: "
+                                f"{calibrate_command(method, checkpoint_dir, native)}")
+    if fam == "diffusers_magcache":
+        return apply_diffusers_mag_cache(policy, MagRatios.load(path), p["threshold"])
     if fam == "every_step":  # every block computes every step through the hooks
         config = pa.LosslessConfig(lossless=False, compile=compile)
     elif fam == "lossless":
@@ -132,10 +156,6 @@ def apply_method(policy, method: Method, checkpoint_dir: str | Path, native: Sam
     elif fam == "taylorseer":
         config = pa.TaylorSeerConfig(interval=p["interval"], order=p["order"], compile=compile)
     else:
-        path = schedule_path(method, checkpoint_dir, native)
-        if not path.is_file():
-            raise FileNotFoundError(f"method {method.spec!r} needs schedule {path}; make it with: "
-                                    f"{calibrate_command(method, checkpoint_dir, native)}")
         config = (pa.BACConfig(schedule=path, compile=compile) if fam == "bac"
                   else pa.BACTaylorConfig(schedule=path, order=p["order"], compile=compile))
     pa.accelerate(policy, config)

@@ -13,6 +13,8 @@ history; the n_action_steps executed ones start at index n_obs_steps - 1 (the cu
 For the cache engine: `model` (the denoiser), `sampler` (its SamplerConfig), `checkpoint_hash`,
 `precompute_condition` (per-chunk condition K/V, exact) and `sampling_hooks`: objects with
 begin_chunk(batch_size, timesteps), begin_step(step_index, t) and reset(), called with Python values.
+A hook with `batch_coupled = True` takes decisions over the whole batch (e.g. skip if the batch's
+mean change is small); then each row is sampled on its own, as a batch-1 deployment would.
 """
 
 import dataclasses
@@ -200,19 +202,13 @@ class Policy(nn.Module):
             self._history.append(batch)
 
     @torch.inference_mode()
-    def _predict(self, history: np.ndarray, noise: torch.Tensor | None = None) -> np.ndarray:
+    def _predict(self, history: np.ndarray, noise: torch.Tensor | None = None,
+                 step_noise: list | None = None) -> np.ndarray:
         """history (B, To, obs_dim) raw -> executable actions (B, Ta, Da) raw."""
         cfg, device = self.config, self.device
         if self.generator.device != device:  # the policy was moved since seed()
             self.seed(self._seed)
-        cond = self.obs_normalizer.normalize(torch.from_numpy(history).to(device))
-        B = cond.shape[0]
-        timesteps = self._sampler.timesteps
-        hooks = self.sampling_hooks
-        for hook in hooks:
-            hook.begin_chunk(B, list(timesteps))
-        if self.precompute_condition:
-            cond = self.model.encode_condition(cond, timesteps)
+        B, hooks = len(history), self.sampling_hooks
         shape = (B, cfg.horizon, cfg.action_dim)
         if noise is None:
             noise = torch.randn(shape, generator=self.generator, device=device)
@@ -220,7 +216,19 @@ class Policy(nn.Module):
             raise ValueError(f"noise must have shape {shape}, got {tuple(noise.shape)}")
         else:
             noise = noise.to(device=device, dtype=torch.float32)
+        if B > 1 and any(getattr(h, "batch_coupled", False) for h in hooks):
+            # each row on its own, with the noise the batch would have drawn
+            step_noise = self._sampler.draw_step_noise(noise, self.generator)
+            return np.concatenate([self._predict(history[i:i + 1], noise[i:i + 1],
+                                                 [n if n is None else n[i:i + 1] for n in step_noise])
+                                   for i in range(B)])
 
+        cond = self.obs_normalizer.normalize(torch.from_numpy(history).to(device))
+        timesteps = self._sampler.timesteps
+        for hook in hooks:
+            hook.begin_chunk(B, list(timesteps))
+        if self.precompute_condition:
+            cond = self.model.encode_condition(cond, timesteps)
         model = self.model if self.compiled_model is None else self.compiled_model
         t_values = torch.tensor(timesteps, dtype=torch.float32, device=device)  # one copy per chunk, none per step
         per_step = isinstance(cond, ConditionCache) and cond.time_kv is not None
@@ -230,7 +238,7 @@ class Policy(nn.Module):
                 hook.begin_step(k, t)
             return model(x, t_values[k], cond.at_step(k) if per_step else cond)
 
-        x = sample(denoise, noise, self._sampler, self.generator)
+        x = sample(denoise, noise, self._sampler, self.generator, step_noise)
         start = cfg.n_obs_steps - 1
         actions = self.action_normalizer.unnormalize(x[:, start:start + cfg.n_action_steps])
         return actions.cpu().numpy()

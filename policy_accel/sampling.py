@@ -112,8 +112,9 @@ class Sampler:
         self.steps = tuple(steps)
 
     def step(self, k: int, model_output: torch.Tensor, x: torch.Tensor,
-             generator: torch.Generator | None = None) -> torch.Tensor:
-        """x at step k -> x at step k + 1, from the denoiser's output at step k."""
+             generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """x at step k -> x at step k + 1, from the denoiser's output at step k. A stochastic step
+        (DDPM) draws its noise from `generator` unless `noise` (shaped like x) is given."""
         if self.config.kind == "flow":
             t_next = self.timesteps[k + 1] if k + 1 < len(self.timesteps) else 0.0
             return x + (t_next - self.timesteps[k]) * model_output
@@ -125,8 +126,17 @@ class Sampler:
         if s.prev_from_eps:
             out = out + s.prev_from_eps * model_output
         if s.std:
-            out = out + s.std * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            if noise is None:
+                noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            out = out + s.std * noise
         return out
+
+    def draw_step_noise(self, x: torch.Tensor, generator: torch.Generator | None = None) -> list:
+        """The noise `sample` would draw for x, per step (None for a deterministic step), drawn now."""
+        if self.config.kind == "flow":
+            return [None] * len(self.timesteps)
+        return [torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) if s.std else None
+                for s in self.steps]
 
 
 @functools.lru_cache(maxsize=64)
@@ -135,11 +145,13 @@ def build_sampler(config: SamplerConfig) -> Sampler:
 
 
 def sample(denoise_fn: Callable[[torch.Tensor, float, int], torch.Tensor], noise: torch.Tensor,
-           sampler: SamplerConfig | Sampler, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Run the denoising loop from `noise`; returns x0. `denoise_fn(x, t, step_index)`."""
+           sampler: SamplerConfig | Sampler, generator: torch.Generator | None = None,
+           step_noise: list | None = None) -> torch.Tensor:
+    """Run the denoising loop from `noise`; returns x0. `denoise_fn(x, t, step_index)`. Per-step
+    noise comes from `generator`, or from `step_noise` (as made by `Sampler.draw_step_noise`)."""
     if isinstance(sampler, SamplerConfig):
         sampler = build_sampler(sampler)
     x = noise
     for k, t in enumerate(sampler.timesteps):
-        x = sampler.step(k, denoise_fn(x, t, k), x, generator)
+        x = sampler.step(k, denoise_fn(x, t, k), x, generator, None if step_noise is None else step_noise[k])
     return x

@@ -1,5 +1,5 @@
 """The engine on the real DP-T policy (tiny width): exactness, lossless savings, batching, no leaks,
-and the diffusers TaylorSeer peer on the same model."""
+and diffusers' TaylorSeer, First Block Cache and MagCache peers on the same model."""
 
 import inspect
 
@@ -9,7 +9,13 @@ import torch
 
 import policy_accel as pa
 from policy_accel.cache import Schedule
-from policy_accel.cache.peers import apply_diffusers_taylorseer, diffusers_refresh_steps
+from policy_accel.cache.peers import (
+    apply_diffusers_first_block_cache,
+    apply_diffusers_mag_cache,
+    apply_diffusers_taylorseer,
+    calibrate_mag_ratios,
+    diffusers_refresh_steps,
+)
 
 OBS_DIM, ACT_DIM, H, STEPS = 5, 3, 8, 12
 
@@ -172,3 +178,98 @@ def test_whole_denoiser_compiles_to_one_graph_and_refuses_to_mix_with_hooks(poli
     pa.accelerate(policy, pa.UniformConfig(interval=2))
     with pytest.raises(RuntimeError, match="accelerated"):
         policy.compile()
+
+
+def test_diffusers_first_block_cache_threshold_zero_equals_uncached_and_comes_off(policy):
+    ref, batch = chunk(policy, OBS[:1]), chunk(policy)
+    handle = apply_diffusers_first_block_cache(policy, threshold=0.0)
+    assert np.array_equal(chunk(policy, OBS[:1]), ref)
+    # a batch runs row by row (see below) with the DDPM noise the batch would have drawn
+    np.testing.assert_allclose(chunk(policy), batch, rtol=1e-5, atol=1e-6)
+    with pytest.raises(RuntimeError, match="already applied"):
+        apply_diffusers_first_block_cache(policy)
+    handle.remove()
+    assert policy.sampling_hooks == []
+    assert all(not m._diffusers_hook.hooks for m in policy.model.modules() if hasattr(m, "_diffusers_hook"))
+    assert np.array_equal(chunk(policy, OBS[:1]), ref)
+
+
+def test_diffusers_first_block_cache_skipping_every_step_is_reuse_of_all_layers_but_the_first(policy):
+    handle = apply_diffusers_first_block_cache(policy, threshold=1e9)  # after step 0, always skip
+    theirs = chunk(policy, OBS[:1])
+    assert np.array_equal(chunk(policy, OBS[:1]), theirs)  # its state is reset per chunk
+    handle.remove()
+    steps = {b.name: list(range(STEPS)) if b.layer == 0 else [0] for b in pa.find_blocks(policy.model)}
+    sched = Schedule(blocks=steps, num_steps=STEPS, sampler="ddpm", checkpoint_hash=policy.checkpoint_hash)
+    pa.accelerate(policy, pa.BACConfig(schedule=sched, lossless=False))
+    np.testing.assert_allclose(chunk(policy, OBS[:1]), theirs, rtol=1e-5, atol=1e-6)
+    pa.remove_acceleration(policy)
+    assert np.abs(chunk(policy, OBS[:1]) - theirs).max() > 1e-3  # and that is not the uncached output
+
+
+def test_diffusers_first_block_cache_decides_per_row_of_a_batch(policy):
+    policy.set_sampler(pa.SamplerConfig("ddim", STEPS, STEPS))  # deterministic given the initial noise
+    noise = torch.randn(3, H, ACT_DIM, generator=torch.Generator().manual_seed(0))
+    handle = apply_diffusers_first_block_cache(policy, threshold=0.1)
+    alone = np.concatenate([policy.predict_action_chunk(OBS[i:i + 1], noise[i:i + 1]) for i in range(3)])
+    assert np.array_equal(policy.predict_action_chunk(OBS, noise), alone)
+    handle.batch_coupled = False  # one decision for the whole batch: rows change each other's output
+    assert np.abs(policy.predict_action_chunk(OBS, noise) - alone).max() > 1e-3
+    handle.remove()
+
+
+def test_magcache_calibration_records_the_stack_residual_norm_ratio_of_every_step(policy):
+    inputs, outputs = [], []
+    layers = policy.model.decoder.layers
+    pre = layers[0].register_forward_pre_hook(lambda m, args: inputs.append(args[0]))
+    post = layers[-1].register_forward_hook(lambda m, args, out: outputs.append(out))
+    chunk(policy)
+    pre.remove(), post.remove()
+    norms = [torch.linalg.norm(o - i, dim=-1) for i, o in zip(inputs, outputs, strict=True)]  # (B, T) per step
+    expected = [1.0] + [(n / (p + 1e-8)).mean().item() for p, n in zip(norms[:-1], norms[1:], strict=True)]
+    policy.seed(0)
+    ratios = calibrate_mag_ratios(policy, OBS)
+    assert (ratios.sampler, ratios.num_steps, ratios.checkpoint_hash) == ("ddpm", STEPS, policy.checkpoint_hash)
+    np.testing.assert_allclose(ratios.ratios, expected, rtol=1e-5)
+    assert policy.sampling_hooks == []
+
+
+def test_magcache_threshold_zero_is_uncached_and_a_huge_one_reuses_the_stack_on_its_skip_pattern(policy):
+    ratios = calibrate_mag_ratios(policy, OBS)
+    ref = chunk(policy)
+    handle = apply_diffusers_mag_cache(policy, ratios, threshold=0.0)
+    assert np.array_equal(chunk(policy), ref)
+    handle.remove()
+    handle = apply_diffusers_mag_cache(policy, ratios, threshold=1e9, max_skip_steps=3, retention_ratio=0.2)
+    theirs = chunk(policy)
+    assert np.array_equal(chunk(policy), theirs)
+    handle.remove()
+    # computes the first int(0.2 * 12 + 0.5) = 2 steps, then skips 3 and computes 1: steps 0, 1, 5, 9.
+    # Skipping the stack adds its last residual = the sum of every block's last branch output: reuse.
+    names = [b.name for b in pa.find_blocks(policy.model)]
+    sched = Schedule(blocks={n: [0, 1, 5, 9] for n in names}, num_steps=STEPS, sampler="ddpm",
+                     checkpoint_hash=policy.checkpoint_hash)
+    pa.accelerate(policy, pa.BACConfig(schedule=sched, lossless=False))
+    np.testing.assert_allclose(chunk(policy), theirs, rtol=1e-5, atol=1e-6)
+    assert np.abs(chunk(policy) - ref).max() > 1e-3
+    pa.remove_acceleration(policy)
+    policy.set_sampler(pa.SamplerConfig("ddim", 6, STEPS))
+    with pytest.raises(ValueError, match="made for ddpm with 12 steps, policy samples ddim with 6"):
+        apply_diffusers_mag_cache(policy, ratios)
+
+
+def test_diffusers_caches_refuse_bad_input(policy):
+    with pytest.raises(ValueError, match="threshold"):
+        apply_diffusers_first_block_cache(policy, threshold=float("nan"))
+    pa.accelerate(policy, pa.UniformConfig(interval=2))
+    with pytest.raises(RuntimeError, match="remove our acceleration"):
+        apply_diffusers_first_block_cache(policy)
+    pa.remove_acceleration(policy)
+
+    class NoStack(torch.nn.Module):
+        pass
+
+    policy.model, model = NoStack(), policy.model
+    with pytest.raises(ValueError, match="block_stack"):
+        apply_diffusers_first_block_cache(policy)
+    policy.model = model

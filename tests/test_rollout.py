@@ -102,8 +102,10 @@ def test_method_strings_parse_and_reject_typos():
     m = parse_method("bac_taylor10o2nb@ddim20")
     assert (m.family, m.params, m.base_steps) == ("bac_taylor", {"budget": 10, "order": 2, "nb": True, "f": False}, 20)
     assert parse_method("taylorseer4o1").params == {"interval": 4, "order": 1}
-    for bad in ("bac", "ddim", "fast", "ddim10@ddim20", "uniform4@ddpm50"):
-        with pytest.raises(ValueError, match=bad.split("@")[0] if bad != "fast" else "unknown method"):
+    assert parse_method("diffusers_fbc0.05@ddim20").params == {"threshold": 0.05}
+    for bad in ("bac", "ddim", "fast", "ddim10@ddim20", "uniform4@ddpm50", "diffusers_fbc5"):
+        with pytest.raises(ValueError, match=bad.split("@")[0] if bad not in ("fast", "diffusers_fbc5")
+                           else "unknown method"):
             parse_method(bad)
 
 
@@ -182,18 +184,28 @@ def test_calibrate_cli_writes_schedules_that_methods_load(tmp_path):
     assert [p.name for p in written] == ["bac_s4_b0_ddpm20_f1.json"]
     assert pa.Schedule.load(written[0]).calibration["criterion"] == "order-1 forecast error"
     apply_method(policy, parse_method("bac_taylor4o1nbf"), ckpt, policy.config.sampler).remove()
+    with pytest.raises(FileNotFoundError, match="magcache=true sampler=ddim steps=10"):
+        apply_method(policy, parse_method("diffusers_magcache0.1@ddim10"), ckpt, policy.config.sampler)
+    written = calibrate_cli([f"checkpoint={ckpt}", "magcache=true", "observations=4", "num_threads=1"])
+    assert [p.name for p in written] == ["magcache_ddpm20.json"]
+    apply_method(policy, parse_method("diffusers_magcache0.1"), ckpt, policy.config.sampler).remove()
+    assert policy.sampling_hooks == []
     with pytest.raises(ValueError, match="forecast_order"):
         calibrate_cli([f"checkpoint={ckpt}", "budget=4", "forecast_order=2"])
     with pytest.raises(ValueError, match="needs order 1"):
         parse_method("bac_taylor4o2f")
 
-    result = bench_denoiser.main([f"checkpoint={ckpt}", "methods=[uncached,every_step,ddim5,uniform4,bac4nb]",
-                                  "observations=2", "rounds=2", "repeats=2", f"out={tmp_path / 'bench.json'}"])
+    result = bench_denoiser.main([f"checkpoint={ckpt}", "methods=[uncached,every_step,ddim5,uniform4,bac4nb,"
+                                  "diffusers_fbc0.0,diffusers_fbc1000.0]", "observations=2", "rounds=2", "repeats=2",
+                                  f"out={tmp_path / 'bench.json'}"])
     rows = {r["setting"]: r for r in result["results"]}
     assert rows["uncached"]["speedup"] == 1.0 and rows["every_step"]["flops_ratio"] == 1.0
     assert rows["ddim5"]["flops_ratio"] == pytest.approx(5 / 20, rel=0.02)
     # bac4nb computes 4 of 20 steps in every block; the embeddings and head still run every step
     assert 0.2 < rows["bac4nb"]["flops_ratio"] < 0.35
+    # First Block Cache: threshold 0 never skips; a huge one runs only the first of 2 layers after step 0
+    assert rows["diffusers_fbc0.0"]["flops_ratio"] == 1.0
+    assert 0.5 < rows["diffusers_fbc1000.0"]["flops_ratio"] < 0.6
     for r in rows.values():
         assert r["achieved_over_ideal"] == pytest.approx(r["speedup"] * r["flops_ratio"])
 

@@ -95,3 +95,11 @@ def test_ddpm_noise_comes_from_the_given_generator():
     assert torch.equal(a, b) and not torch.equal(a, c)
     d = sample(zero_eps, noise, SamplerConfig("ddim", 10), torch.Generator().manual_seed(4))
     assert torch.equal(d, sample(zero_eps, noise, SamplerConfig("ddim", 10)))  # DDIM (eta 0) draws no noise
+    # noise drawn up front is the noise the loop would draw, and a row of it samples that row alone
+    sampler = build_sampler(cfg)
+    step_noise = sampler.draw_step_noise(noise, torch.Generator().manual_seed(3))
+    assert sum(n is None for n in step_noise) == 1  # the last DDPM step adds no noise
+    assert torch.equal(sample(zero_eps, noise, cfg, step_noise=step_noise), a)
+    row = sample(zero_eps, noise[1:2], cfg, step_noise=[n if n is None else n[1:2] for n in step_noise])
+    assert torch.equal(row, a[1:2])
+    assert build_sampler(SamplerConfig("flow", 4)).draw_step_noise(noise) == [None] * 4

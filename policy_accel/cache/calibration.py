@@ -8,6 +8,7 @@ CLI (observations from the checkpoint's demo dataset; one profile, one schedule 
     python -m policy_accel.cache.calibrate checkpoint=checkpoints/lift_dp_t budget=10 [bubble_blocks=5]
     python -m policy_accel.cache.calibrate checkpoint=... 'budget=[5,10,20]' 'bubble_blocks=[0,5]' sampler=ddim steps=20
     python -m policy_accel.cache.calibrate checkpoint=... budget=10 forecast_order=1   # for BAC+Taylor order 1
+    python -m policy_accel.cache.calibrate checkpoint=... magcache=true   # diffusers' MagCache ratios instead
 
 forecast_order=0 (default) is BAC's criterion: choose the steps that minimise the reuse error (cosine).
 forecast_order=1 chooses them against the error of the linear forecast that BAC+Taylor order 1 makes
@@ -227,6 +228,7 @@ class CalibrateConfig:
     num_threads: int = 2
     out_dir: str | None = None  # default <checkpoint>/schedules
     forecast_order: int = 0  # 0: BAC's reuse criterion; 1: the order-1 forecast error (for BAC+Taylor o1)
+    magcache: bool = False  # write diffusers' MagCache ratios (cache/peers.py) instead of BAC schedules
 
 
 def run(argv: list[str]) -> list[Path]:
@@ -245,10 +247,18 @@ def run(argv: list[str]) -> list[Path]:
     if not dataset:
         raise SystemExit(f"{cfg.checkpoint} names no training dataset; pass dataset=<path.zarr>")
     obs = demo_observations(dataset, cfg.observations, policy.config.n_obs_steps, cfg.seed)
-    infos = _check_uncached(policy, cfg.blocks, budgets, cfg.forecast_order)
-    profile = profile_blocks(policy, obs, infos, cfg.batch_size)
     description = f"{len(obs)} observation histories drawn from {dataset} (seed {cfg.seed})"
     out_dir = Path(cfg.out_dir or Path(cfg.checkpoint) / "schedules")
+    if cfg.magcache:
+        from policy_accel.cache.peers import calibrate_mag_ratios, mag_ratios_name
+
+        ratios = calibrate_mag_ratios(policy, np.stack(obs), description)
+        path = out_dir / f"{mag_ratios_name(ratios.sampler, ratios.num_steps)}.json"
+        ratios.save(path)
+        print(f"{path}: {ratios.num_steps} MagCache ratios, {min(ratios.ratios):.3f} to {max(ratios.ratios):.3f}")
+        return [path]
+    infos = _check_uncached(policy, cfg.blocks, budgets, cfg.forecast_order)
+    profile = profile_blocks(policy, obs, infos, cfg.batch_size)
     written = []
     for budget in budgets:
         for bubble in bubbles:

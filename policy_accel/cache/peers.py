@@ -1,20 +1,57 @@
-"""Peers we did not write, run on our policies: diffusers' TaylorSeer cache hook.
+"""Peers we did not write, run on our policies: diffusers' own cache hooks.
 
     handle = apply_diffusers_taylorseer(policy, interval=4, order=1, warmup=3)
+    handle = apply_diffusers_first_block_cache(policy, threshold=0.05)
     ...
     handle.remove()
 
-diffusers' conventions, mapped to ours (tests/test_cache_dp_t.py checks the mapping):
+TaylorSeer (`apply_taylorseer_cache`) wraps our sub-blocks by name. diffusers' conventions, mapped
+to ours (tests/test_cache_dp_t.py checks the mapping):
 - refresh steps: k < warmup, then k with (k - warmup - 1) % interval == 0 (it forecasts step `warmup`
   right after the warm-up; ours refreshes at warmup, warmup + N, ...);
 - derivatives are backward differences in step-index units divided by the latest gap, and the
   forecast is a Taylor series around the latest computed step: ``differences="backward"`` in ours.
   For samplers whose t is affine in the step index (DDPM, DDIM), step units and t units agree.
-- it counts its own calls to know the step, so its state must be reset for every chunk.
+
+First Block Cache (`apply_first_block_cache`) works on whole layers (`hidden_states -> hidden_states`,
+found as the `layers` ModuleList of the model's `block_stack` module): at each step the first layer
+runs; if its residual changed by less than `threshold` (relative mean |.|) since the last full
+step, the other layers are skipped and their summed residual from that step is added instead.
+Its decision is data dependent (one host sync per step) and taken over the whole batch (one mean),
+so the policy samples each row of a batch on its own with it (`batch_coupled`): batched rollouts
+then measure what a batch-1 deployment does.
+
+MagCache (`apply_mag_cache`) also works on whole layers: it skips the whole stack (adding the last
+computed stack residual) while the error accumulated from per-step residual-norm ratios stays under
+`threshold`, at most `max_skip_steps` in a row, never in the first `retention_ratio` of the steps.
+The ratios come from its own calibration mode, run once per checkpoint, sampler and step count on
+demo observations (`calibrate_mag_ratios`; `python -m policy_accel.cache.calibrate ... magcache=true`
+writes <checkpoint>/schedules/magcache_<sampler><steps>.json). Its decisions depend on the ratios
+and the step only, not on the batch.
+
+All count their own calls to know the step, so their state is reset for every chunk.
+
+Not applicable to DP-T: PyramidAttentionBroadcast and FasterCache find attention layers by
+diffusers' Attention classes (and FasterCache needs a classifier-free-guidance batch; DP-T has no
+guidance); SeaCache's indicator is a spectrum of video latents (C, T, H, W).
 """
 
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
 import torch
-from diffusers.hooks import HookRegistry, TaylorSeerCacheConfig, apply_taylorseer_cache
+from diffusers.hooks import (
+    FirstBlockCacheConfig,
+    HookRegistry,
+    MagCacheConfig,
+    TaylorSeerCacheConfig,
+    apply_first_block_cache,
+    apply_mag_cache,
+    apply_taylorseer_cache,
+)
+from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
 from diffusers.models.cache_utils import CacheMixin
 
 from policy_accel.cache.hooks import find_blocks
@@ -25,26 +62,13 @@ def diffusers_refresh_steps(num_steps: int, interval: int, warmup: int) -> list[
     return [k for k in range(num_steps) if k < warmup or (k - warmup - 1) % interval == 0]
 
 
-class DiffusersTaylorSeer:
-    """Sampling hook that keeps diffusers' cache context set and resets its state per chunk."""
+class DiffusersCache:
+    """Sampling hook around one of diffusers' cache hooks on `policy.model`: keeps diffusers' cache
+    context set while a chunk is sampled, resets its state per chunk and takes its hooks off."""
 
-    tag_prefix = "diffusers_taylorseer"
-
-    def __init__(self, policy, interval: int, order: int, warmup: int, blocks: str | None = None):
-        if getattr(policy, "acceleration", None) is not None:
-            raise RuntimeError("remove our acceleration before applying diffusers' cache")
-        self.policy, self.model = policy, policy.model
-        self.tag = f"{self.tag_prefix}_n{interval}_o{order}_w{warmup}"
-        names = [b.name for b in find_blocks(self.model, blocks)]
-        config = TaylorSeerCacheConfig(
-            cache_interval=interval,
-            disable_cache_before_step=warmup,
-            max_order=order,
-            taylor_factors_dtype=torch.float32,
-            cache_identifiers=[n.replace(".", r"\.") for n in names],
-        )
-        apply_taylorseer_cache(self.model, config)
-        self.hooked = [m for n, m in self.model.named_modules() if n in names]
+    def __init__(self, policy, tag: str, hook_names: tuple[str, ...], batch_coupled: bool = False):
+        self.policy, self.model, self.tag, self.hook_names = policy, policy.model, tag, hook_names
+        self.batch_coupled = batch_coupled  # decisions over the whole batch: the policy samples rows alone
         self._context = None
         policy.sampling_hooks.append(self)
 
@@ -68,11 +92,122 @@ class DiffusersTaylorSeer:
 
     def remove(self) -> None:
         self._exit_context()
-        for module in self.hooked:
-            module._diffusers_hook.remove_hook("taylorseer_cache", recurse=False)
+        registry = HookRegistry.check_if_exists_or_initialize(self.model)
+        for name in self.hook_names:
+            registry.remove_hook(name, recurse=True)
         self.policy.sampling_hooks.remove(self)
 
 
+def _check_free(policy) -> None:
+    if getattr(policy, "acceleration", None) is not None:
+        raise RuntimeError("remove our acceleration before applying diffusers' cache")
+    if any(isinstance(h, DiffusersCache) for h in policy.sampling_hooks):
+        raise RuntimeError("a diffusers cache is already applied; remove() it first")
+
+
 def apply_diffusers_taylorseer(policy, interval: int = 4, order: int = 1, warmup: int = 3,
-                               blocks: str | None = None) -> DiffusersTaylorSeer:
-    return DiffusersTaylorSeer(policy, interval, order, warmup, blocks)
+                               blocks: str | None = None) -> DiffusersCache:
+    _check_free(policy)
+    names = [b.name for b in find_blocks(policy.model, blocks)]
+    config = TaylorSeerCacheConfig(
+        cache_interval=interval,
+        disable_cache_before_step=warmup,
+        max_order=order,
+        taylor_factors_dtype=torch.float32,
+        cache_identifiers=[n.replace(".", r"\.") for n in names],
+    )
+    apply_taylorseer_cache(policy.model, config)
+    return DiffusersCache(policy, f"diffusers_taylorseer_n{interval}_o{order}_w{warmup}", ("taylorseer_cache",))
+
+
+def _layer_stack(model) -> torch.nn.Module:
+    """The module whose `layers` ModuleList holds the model's whole transformer layers."""
+    stack = getattr(model, getattr(model, "block_stack", ""), None)
+    layers = getattr(stack, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList) or len(layers) < 2:
+        raise ValueError(f"{type(model).__name__} names no stack of >= 2 whole layers (`block_stack` attribute "
+                         f"pointing at a module with a `layers` ModuleList); diffusers' block-level caches need one")
+    # diffusers' own models register their block classes the same way (diffusers/hooks/_helpers.py)
+    TransformerBlockRegistry.register(type(layers[0]), TransformerBlockMetadata(return_hidden_states_index=None))
+    return stack
+
+
+def apply_diffusers_first_block_cache(policy, threshold: float = 0.05) -> DiffusersCache:
+    if not threshold >= 0:
+        raise ValueError(f"threshold must be >= 0, got {threshold}")
+    _check_free(policy)
+    apply_first_block_cache(_layer_stack(policy.model), FirstBlockCacheConfig(threshold=threshold))
+    return DiffusersCache(policy, f"diffusers_fbc_t{threshold:g}", ("fbc_leader_block_hook", "fbc_block_hook"),
+                          batch_coupled=True)
+
+
+MAG_HOOKS = ("mag_cache_leader_block_hook", "mag_cache_block_hook")
+
+
+@dataclass
+class MagRatios:
+    """MagCache's per-step ratios |residual_k| / |residual_k-1| for one checkpoint and sampler."""
+
+    ratios: list[float]
+    sampler: str
+    num_steps: int
+    checkpoint_hash: str
+    calibration: str = ""
+
+    def check_compatible(self, policy) -> None:
+        problems = []
+        if self.checkpoint_hash != policy.checkpoint_hash:
+            problems.append(f"made for checkpoint {self.checkpoint_hash[:12]}, policy is {policy.checkpoint_hash[:12]}")
+        if (self.sampler, self.num_steps) != (policy.sampler.kind, policy.sampler.num_steps):
+            problems.append(f"made for {self.sampler} with {self.num_steps} steps, policy samples "
+                            f"{policy.sampler.kind} with {policy.sampler.num_steps}")
+        if len(self.ratios) != self.num_steps or not np.isfinite(self.ratios).all():
+            problems.append(f"needs {self.num_steps} finite ratios, has {len(self.ratios)}")
+        if problems:
+            raise ValueError("MagCache ratios do not match this policy: " + "; ".join(problems))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(asdict(self), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "MagRatios":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"MagCache ratios not found: {path}")
+        return cls(**json.loads(path.read_text()))
+
+
+def mag_ratios_name(sampler: str, num_steps: int) -> str:
+    """File stem under <checkpoint>/schedules/."""
+    return f"magcache_{sampler}{num_steps}"
+
+
+def calibrate_mag_ratios(policy, observations: np.ndarray, description: str = "") -> MagRatios:
+    """MagCache's calibration mode on a batch of observation histories (B, n_obs_steps, obs_dim)."""
+    _check_free(policy)
+    steps = policy.sampler.num_steps
+    # one step more than the sampler takes: at its last step MagCache clears the ratios it recorded
+    stack = _layer_stack(policy.model)
+    apply_mag_cache(stack, MagCacheConfig(calibrate=True, num_inference_steps=steps + 1))
+    handle = DiffusersCache(policy, "diffusers_magcache_calibration", MAG_HOOKS)
+    try:
+        policy.predict_action_chunk(np.asarray(observations))
+        tail_hook = stack.layers[-1]._diffusers_hook.get_hook(MAG_HOOKS[1])
+        ratios = [float(r) for r in tail_hook.state_manager.get_state().calibration_ratios]
+    finally:
+        handle.remove()
+    return MagRatios(ratios, policy.sampler.kind, steps, policy.checkpoint_hash, description)
+
+
+def apply_diffusers_mag_cache(policy, ratios: MagRatios, threshold: float = 0.06, max_skip_steps: int = 3,
+                              retention_ratio: float = 0.2) -> DiffusersCache:
+    if not threshold >= 0:
+        raise ValueError(f"threshold must be >= 0, got {threshold}")
+    _check_free(policy)
+    ratios.check_compatible(policy)
+    config = MagCacheConfig(threshold=threshold, max_skip_steps=max_skip_steps, retention_ratio=retention_ratio,
+                            num_inference_steps=ratios.num_steps, mag_ratios=torch.tensor(ratios.ratios))
+    apply_mag_cache(_layer_stack(policy.model), config)
+    tag = f"diffusers_magcache_t{threshold:g}_k{max_skip_steps}_r{retention_ratio:g}"
+    return DiffusersCache(policy, tag, MAG_HOOKS)

@@ -89,6 +89,14 @@ class DecoderLayer(nn.Module):
         self.cross_attn = CrossAttention(n_emb, n_head, dropout)
         self.ff = FeedForward(n_emb, dropout)
 
+    # `hidden_states` (not `x`): diffusers' block-level cache hooks look the input up by that name
+    def forward(self, hidden_states: torch.Tensor, memory: list[KV], causal_mask: torch.Tensor | None,
+                memory_mask: torch.Tensor | None) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
+        x = hidden_states
+        x = x + self.self_attn(x, causal_mask)
+        x = x + self.cross_attn(x, memory, memory_mask)
+        return x + self.ff(x)
+
 
 class Decoder(nn.Module):
     def __init__(self, n_layer: int, n_emb: int, n_head: int, dropout: float):
@@ -98,6 +106,7 @@ class Decoder(nn.Module):
 
 class DPTransformer(nn.Module):
     cache_blocks = r"decoder\.layers\.\d+\.(self_attn|cross_attn|ff)"  # what the cache engine may wrap
+    block_stack = "decoder"  # its `layers` are the whole layers (diffusers' block-level caches wrap those)
 
     def __init__(self, config: DPTransformerConfig):
         super().__init__()
@@ -199,7 +208,5 @@ class DPTransformer(nn.Module):
         causal = self.causal_mask[:T, :T] if self.causal_mask is not None else None
         mem_mask = self.memory_mask[:T] if self.memory_mask is not None else None
         for layer, obs_kv, t_kv in zip(self.decoder.layers, cond.kv, time_kv, strict=True):
-            x = x + layer.self_attn(x, causal)
-            x = x + layer.cross_attn(x, [t_kv, obs_kv], mem_mask)  # memory = [time token ; obs tokens]
-            x = x + layer.ff(x)
+            x = layer(x, [t_kv, obs_kv], causal, mem_mask)  # memory = [time token ; obs tokens]
         return self.head(self.ln_f(x))  # (B, T, Da)
