@@ -39,6 +39,9 @@ schedules-%: $(STAMP)
 	$(CALIBRATE) checkpoint=checkpoints/$*_dp_t 'budget=[10,20]' bubble_blocks=0 forecast_order=1
 	$(CALIBRATE) checkpoint=checkpoints/$*_dp_t budget=5 bubble_blocks=5 sampler=ddim steps=20 forecast_order=1
 	$(CALIBRATE) checkpoint=checkpoints/$*_dp_t budget=10 bubble_blocks=5 sampler=ddim steps=50 forecast_order=1
+	$(CALIBRATE) checkpoint=checkpoints/$*_dp_t magcache=true
+	$(CALIBRATE) checkpoint=checkpoints/$*_dp_t magcache=true sampler=ddim steps=20
+	$(CALIBRATE) checkpoint=checkpoints/$*_dp_t magcache=true sampler=ddim steps=50
 
 card-rollout-%: $(STAMP)
 	$(PY) eval/rollout.py checkpoint=checkpoints/$*_dp_t 'methods=[uncached,ddim10,ddim20,ddim50]' \

@@ -10,7 +10,8 @@
     bac_taylor10o1f          ours, order 1, on a schedule calibrated against the order-1 forecast error
     diffusers_taylorseer4o1  diffusers' own TaylorSeer hook (warm-up 3), for comparison
     diffusers_fbc0.05        diffusers' First Block Cache on whole layers, threshold 0.05 (dynamic)
-    diffusers_magcache0.06   diffusers' MagCache on the layer stack, threshold 0.06 (calibrated ratios)
+    diffusers_magcache0.06   diffusers' MagCache on the layer stack, threshold 0.06 (calibrated ratios),
+                             at most 3 skips in a row; diffusers_magcache0.2k9: at most 9
     every_step               hooks on every block, all compute (measures the hook overhead)
     <any>@ddim20             the same on top of DDIM-20
     compile / compile+ddim10 torch.compile of the whole denoiser (one graph), native sampler / DDIM-10
@@ -46,7 +47,7 @@ _PATTERNS = {
     "bac_taylor": r"bac_taylor(?P<budget>\d+)o(?P<order>\d+)(?P<nb>nb)?(?P<f>f)?",
     "diffusers_taylorseer": r"diffusers_taylorseer(?P<interval>\d+)o(?P<order>\d+)",
     "diffusers_fbc": r"diffusers_fbc(?P<threshold>\d+\.\d+)",
-    "diffusers_magcache": r"diffusers_magcache(?P<threshold>\d+\.\d+)",
+    "diffusers_magcache": r"diffusers_magcache(?P<threshold>\d+\.\d+)(k(?P<max_skip>\d+))?",
 }
 BUBBLE_BLOCKS = 5
 DIFFUSERS_WARMUP = 3
@@ -86,7 +87,7 @@ def parse_method(spec: str) -> Method:
             if compiled and family.startswith("diffusers"):
                 raise ValueError(f"method {spec!r}: compile combines with our methods only")
             params = {k: (v is not None if k in ("nb", "f") else float(v) if k == "threshold" else int(v))
-                      for k, v in m.groupdict().items()}
+                      for k, v in m.groupdict().items() if v is not None or k in ("nb", "f")}
             if params.get("f") and params["order"] != 1:
                 raise ValueError(f"method {spec!r}: 'f' (schedule calibrated against the order-1 forecast) "
                                  f"needs order 1")
@@ -146,7 +147,7 @@ def apply_method(policy, method: Method, checkpoint_dir: str | Path, native: Sam
         raise FileNotFoundError(f"method {method.spec!r} needs {path}; make it with: "
                                 f"{calibrate_command(method, checkpoint_dir, native)}")
     if fam == "diffusers_magcache":
-        return apply_diffusers_mag_cache(policy, MagRatios.load(path), p["threshold"])
+        return apply_diffusers_mag_cache(policy, MagRatios.load(path), p["threshold"], p.get("max_skip", 3))
     if fam == "every_step":  # every block computes every step through the hooks
         config = pa.LosslessConfig(lossless=False, compile=compile)
     elif fam == "lossless":

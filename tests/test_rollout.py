@@ -103,6 +103,7 @@ def test_method_strings_parse_and_reject_typos():
     assert (m.family, m.params, m.base_steps) == ("bac_taylor", {"budget": 10, "order": 2, "nb": True, "f": False}, 20)
     assert parse_method("taylorseer4o1").params == {"interval": 4, "order": 1}
     assert parse_method("diffusers_fbc0.05@ddim20").params == {"threshold": 0.05}
+    assert parse_method("diffusers_magcache0.2k9").params == {"threshold": 0.2, "max_skip": 9}
     for bad in ("bac", "ddim", "fast", "ddim10@ddim20", "uniform4@ddpm50", "diffusers_fbc5"):
         with pytest.raises(ValueError, match=bad.split("@")[0] if bad not in ("fast", "diffusers_fbc5")
                            else "unknown method"):
