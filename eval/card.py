@@ -86,8 +86,9 @@ def render(cfg: CardConfig) -> str:
 
 
 def schedule_lines(folder: Path) -> list[str]:
-    """A table of the shipped BAC schedules: where each computes and how stable calibration found it."""
-    schedules = [(pa.Schedule.load(p), p.name) for p in folder.glob("*.json")]
+    """A table of the shipped BAC schedules: where each computes and how stable calibration found it
+    (and the MagCache ratio files that sit beside them, for diffusers' MagCache)."""
+    schedules = [(pa.Schedule.load(p), p.name) for p in folder.glob("bac_*.json")]
     if not schedules:
         return []
     lines = ["", "## Shipped schedules", "",
@@ -103,6 +104,10 @@ def schedule_lines(folder: Path) -> list[str]:
                      f"{s.bubble_blocks} | {criterion} | {s.computed_fraction():.1%} | "
                      f"{s.calibration['mean_jaccard_to_aggregate']:.2f} |")
     lines += ["", f"Calibration data: {s.calibration['description']}."]
+    mag = sorted(p.name for p in folder.glob("magcache_*.json"))
+    if mag:
+        lines += ["", "MagCache ratios for diffusers' MagCache (a peer in the benchmark), from the same data: "
+                  + ", ".join(f"`schedules/{n}`" for n in mag) + "."]
     return lines
 
 

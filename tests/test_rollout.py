@@ -139,10 +139,12 @@ def test_rollout_end_to_end_on_push2d_writes_summary(tmp_path):
     blocks = {f"b{i}": [0, 5] for i in range(3)} | {"b3": [0, 2, 5, 9]}  # 10 of 80 block-steps
     pa.Schedule(blocks, 20, "ddpm", budget=2, calibration={"description": "4 obs", "mean_jaccard_to_aggregate": 0.5}
                 ).save(ckpt / "schedules" / "bac_s2_b0_ddpm20.json")
+    (ckpt / "schedules" / "magcache_ddpm20.json").write_text("{}")  # not a BAC schedule: listed, not parsed
     text = card.main([f"checkpoint={ckpt}", f"run_dir={tmp_path / 'run'}", f"rollout={out}"]).read_text()
     u = by["uncached"]
     assert f"| uncached | {u['successes']}/5 | [{u['ci_low']:.2f}, {u['ci_high']:.2f}]" in text and "1.0 h" in text
     assert "| `schedules/bac_s2_b0_ddpm20.json` | DDPM-20 | 2 | 0 | reuse (cosine) | 12.5% | 0.50 |" in text
+    assert "`schedules/magcache_ddpm20.json`" in text
 
 
 def test_rollout_rejects_bad_config(tmp_path):
