@@ -258,7 +258,17 @@ def test_magcache_threshold_zero_is_uncached_and_a_huge_one_reuses_the_stack_on_
         apply_diffusers_mag_cache(policy, ratios)
 
 
-def test_diffusers_caches_refuse_bad_input(policy):
+def test_diffusers_caches_refuse_bad_input(policy, tmp_path):
+    from policy_accel.cache.peers import MagRatios
+
+    (tmp_path / "a.json").write_text('{"ratios": [1.0]}')
+    (tmp_path / "b.json").write_text('{"ratios": [1.0')
+    with pytest.raises(ValueError, match="wrong fields"):
+        MagRatios.load(tmp_path / "a.json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        MagRatios.load(tmp_path / "b.json")
+    with pytest.raises(ValueError, match="needs 12 finite ratios, has 11"):
+        apply_diffusers_mag_cache(policy, MagRatios([1.0] * 11, "ddpm", STEPS, policy.checkpoint_hash))
     with pytest.raises(ValueError, match="threshold"):
         apply_diffusers_first_block_cache(policy, threshold=float("nan"))
     pa.accelerate(policy, pa.UniformConfig(interval=2))

@@ -36,7 +36,6 @@ diffusers' Attention classes (and FasterCache needs a classifier-free-guidance b
 guidance); SeaCache's indicator is a spectrum of video latents (C, T, H, W).
 """
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -55,6 +54,7 @@ from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockR
 from diffusers.models.cache_utils import CacheMixin
 
 from policy_accel.cache.hooks import find_blocks
+from policy_accel.cli import read_json, write_json
 
 
 def diffusers_refresh_steps(num_steps: int, interval: int, warmup: int) -> list[int]:
@@ -167,15 +167,15 @@ class MagRatios:
             raise ValueError("MagCache ratios do not match this policy: " + "; ".join(problems))
 
     def save(self, path: str | Path) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(asdict(self), indent=1) + "\n")
+        write_json(path, asdict(self))
 
     @classmethod
     def load(cls, path: str | Path) -> "MagRatios":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"MagCache ratios not found: {path}")
-        return cls(**json.loads(path.read_text()))
+        data = read_json(path, "MagCache ratios")
+        try:
+            return cls(**data)
+        except TypeError as e:
+            raise ValueError(f"MagCache ratios file {path} has the wrong fields: {e}") from e
 
 
 def mag_ratios_name(sampler: str, num_steps: int) -> str:

@@ -9,11 +9,12 @@ A `Schedule` is bound to the checkpoint, sampler and step count it was made for;
 anything else raises.
 """
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from policy_accel.cli import read_json, write_json
 
 FORMAT_VERSION = 1
 
@@ -186,18 +187,11 @@ class Schedule:
             raise ValueError("schedule does not match this policy: " + "; ".join(problems))
 
     def save(self, path: str | Path) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(asdict(self), indent=1) + "\n")
+        write_json(path, asdict(self))
 
     @classmethod
     def load(cls, path: str | Path) -> "Schedule":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"schedule file not found: {path}")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"schedule file {path} is not valid JSON: {e}") from e
+        data = read_json(path, "schedule")
         if data.get("format") != FORMAT_VERSION:
             raise ValueError(f"schedule file {path} has format {data.get('format')}, expected {FORMAT_VERSION}")
         return cls(**data)
