@@ -107,6 +107,7 @@ def _check_free(policy) -> None:
 
 def apply_diffusers_taylorseer(policy, interval: int = 4, order: int = 1, warmup: int = 3,
                                blocks: str | None = None) -> DiffusersCache:
+    """diffusers' TaylorSeer on the policy's cache blocks (our sub-blocks); `.remove()` takes it off."""
     _check_free(policy)
     names = [b.name for b in find_blocks(policy.model, blocks)]
     config = TaylorSeerCacheConfig(
@@ -133,6 +134,7 @@ def _layer_stack(model) -> torch.nn.Module:
 
 
 def apply_diffusers_first_block_cache(policy, threshold: float = 0.05) -> DiffusersCache:
+    """diffusers' First Block Cache on the policy's whole layers; `.remove()` takes it off."""
     if not threshold >= 0:
         raise ValueError(f"threshold must be >= 0, got {threshold}")
     _check_free(policy)
@@ -202,6 +204,7 @@ def calibrate_mag_ratios(policy, observations: np.ndarray, description: str = ""
 
 def apply_diffusers_mag_cache(policy, ratios: MagRatios, threshold: float = 0.06, max_skip_steps: int = 3,
                               retention_ratio: float = 0.2) -> DiffusersCache:
+    """diffusers' MagCache on the policy's whole layers with calibrated `ratios`; `.remove()` takes it off."""
     if not threshold >= 0:
         raise ValueError(f"threshold must be >= 0, got {threshold}")
     _check_free(policy)
