@@ -207,6 +207,20 @@ def test_diffusers_first_block_cache_skipping_every_step_is_reuse_of_all_layers_
     assert np.abs(chunk(policy, OBS[:1]) - theirs).max() > 1e-3  # and that is not the uncached output
 
 
+def test_diffusers_caches_follow_each_other_on_one_policy(policy, tmp_path):
+    ref = chunk(policy, OBS[:1])
+    ratios = calibrate_mag_ratios(policy, OBS)
+    for _ in range(2):  # as the benchmark's interleaved timing rounds do
+        for apply in (lambda: apply_diffusers_taylorseer(policy, interval=3, order=1, warmup=2),
+                      lambda: apply_diffusers_mag_cache(policy, ratios, threshold=0.0),
+                      lambda: apply_diffusers_first_block_cache(policy, threshold=0.0)):
+            handle = apply()
+            out = chunk(policy, OBS[:1])
+            handle.remove()
+            assert out.shape == ref.shape
+    np.testing.assert_array_equal(out, ref)  # the last one (threshold 0) computes everything
+
+
 def test_diffusers_first_block_cache_decides_per_row_of_a_batch(policy):
     policy.set_sampler(pa.SamplerConfig("ddim", STEPS, STEPS))  # deterministic given the initial noise
     noise = torch.randn(3, H, ACT_DIM, generator=torch.Generator().manual_seed(0))

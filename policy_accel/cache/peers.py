@@ -70,6 +70,8 @@ class DiffusersCache:
         self.policy, self.model, self.tag, self.hook_names = policy, policy.model, tag, hook_names
         self.batch_coupled = batch_coupled  # decisions over the whole batch: the policy samples rows alone
         self._context = None
+        # as diffusers' enable_cache does: the root's cached list of hooked submodules is stale now
+        HookRegistry.check_if_exists_or_initialize(self.model).invalidate_child_registries_cache()
         policy.sampling_hooks.append(self)
 
     def _exit_context(self) -> None:
@@ -95,6 +97,7 @@ class DiffusersCache:
         registry = HookRegistry.check_if_exists_or_initialize(self.model)
         for name in self.hook_names:
             registry.remove_hook(name, recurse=True)
+        registry.invalidate_child_registries_cache()
         self.policy.sampling_hooks.remove(self)
 
 
