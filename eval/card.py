@@ -2,7 +2,8 @@
 
     python eval/card.py checkpoint=checkpoints/lift_dp_t run_dir=runs/lift_dp_t rollout=eval/results/rollout_lift.json
 
-The rollout JSON (eval/rollout.py) must hold an `uncached` row made on this checkpoint (same hash).
+The rollout JSON (eval/rollout.py, or eval/sweep.py with out=...) must hold an `uncached` row made on
+this checkpoint (same hash).
 """
 
 import json
@@ -69,7 +70,7 @@ def render(cfg: CardConfig) -> str:
         "(1-2 threads, at times sharing the machine with other jobs; includes steps redone after restarts).",
         "",
         "## Measured closed-loop success",
-        f"`python eval/rollout.py {' '.join(f'{k}={v}' for k, v in _rollout_args(summary).items())}`",
+        f"`{summary.get('command') or _rollout_command(summary)}`",
         "",
         "| method | success | 95% Wilson CI | p50 ms/chunk | speedup |",
         "|---|---|---|---|---|",
@@ -111,10 +112,10 @@ def schedule_lines(folder: Path) -> list[str]:
     return lines
 
 
-def _rollout_args(summary: dict) -> dict:
+def _rollout_command(summary: dict) -> str:
     c = summary["config"]
-    return {"checkpoint": c["checkpoint"], "methods": "[" + ",".join(c["methods"]) + "]",
-            "episodes": c["episodes"], "seed": c["seed"], "num_envs": c["num_envs"]}
+    return (f"python eval/rollout.py checkpoint={c['checkpoint']} methods=[{','.join(c['methods'])}] "
+            f"episodes={c['episodes']} seed={c['seed']} num_envs={c['num_envs']}")
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -24,7 +24,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python eval/sweep.py` from the repo root
 
 from eval.methods import parse_method  # noqa: E402
-from policy_accel.cli import load_config  # noqa: E402
+from policy_accel.cli import load_config, write_json  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,6 +44,7 @@ class SweepConfig:
     ray_address: str | None = None  # None: start Ray locally; "auto" or "ray://host:port": join a cluster
     num_cpus: int | None = None  # local Ray only; default all cores
     plot: bool = True
+    out: str | None = None  # also write this run's rows as a rollout-style JSON (what eval/card.py reads)
 
     def __post_init__(self):
         for name in ("episodes", "shards", "num_envs", "latency_rounds", "latency_repeats"):
@@ -220,6 +221,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     print(format_table(rows))
     print(f"wrote {Path(cfg.results_dir) / 'summary.jsonl'} ({len(rows)} rows for {Path(cfg.checkpoint).name})")
+    if cfg.out:
+        run_dir = Path(cfg.results_dir) / "runs" / Path(cfg.checkpoint).name
+        meta = json.loads((run_dir / "meta.json").read_text())
+        methods = "[" + ",".join(cfg.methods) + "]"
+        write_json(cfg.out, {
+            "checkpoint": cfg.checkpoint, "checkpoint_hash": meta["checkpoint_hash"], "task": rows[0]["task"],
+            "seeds": [cfg.seed, cfg.seed + cfg.episodes - 1], "machine": rows[0]["latency_machine"],
+            "command": f"python eval/sweep.py checkpoint={cfg.checkpoint} 'methods={methods}' "
+                       f"episodes={cfg.episodes} seed={cfg.seed} num_envs={cfg.num_envs}",
+            "config": asdict(cfg), "results": rows})
+        print(f"wrote {cfg.out}")
     if cfg.plot:
         from eval.report import plot_task
 

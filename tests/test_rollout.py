@@ -248,9 +248,19 @@ def test_sweep_end_to_end_on_ray_is_resumable_and_writes_schema(tmp_path, capsys
     assert len(shard_files) == 6
     stamps = {p: p.stat().st_mtime_ns for p in shard_files}
     capsys.readouterr()
-    again = sweep.main(args + ["methods=[uncached,ddim5,taylorseer4o1]", "plot=false"])
+    out = tmp_path / "card_rollout.json"
+    again = sweep.main(args + ["methods=[uncached,ddim5,taylorseer4o1]", "plot=false", f"out={out}"])
     assert "every point is done" in capsys.readouterr().out
     assert again == rows and all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+    # the card reads a sweep's out= file as it reads a rollout's JSON
+    from eval import card
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "log.jsonl").write_text(json.dumps({"step": 10, "sec_per_step": 360.0}) + "\n")
+    text = card.main([f"checkpoint={ckpt}", f"run_dir={tmp_path / 'run'}", f"rollout={out}"]).read_text()
+    assert f"`python eval/sweep.py checkpoint={ckpt} 'methods=[uncached,ddim5,taylorseer4o1]' episodes=4" in text
+    u = rows[0]
+    assert f"| uncached | {u['successes']}/4 | [{u['ci_low']:.2f}, {u['ci_high']:.2f}]" in text
 
     # a new setting runs only its own shards (and re-times all methods together); other rows are kept
     sweep.main(args + ["methods=[uncached,uniform4]", "plot=false"])
