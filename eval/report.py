@@ -52,7 +52,7 @@ def plot_task(summary, task: str, out_dir) -> Path:
     # left: everything; right: the top band, where most points sit, stretched so their labels separate
     fig, axes = plt.subplots(1, 2, figsize=(14, 6), gridspec_kw={"width_ratios": [1, 1.4]})
     line = frontier(rows)
-    for ax, (low, high) in zip(axes, [(-0.02, 1.02), (ZOOM_FROM, 1.01)], strict=True):
+    for ax, zoomed in zip(axes, (False, True), strict=True):
         if line:
             ax.plot([r["latency_ms_p50"] for r in line], [r["success_rate"] for r in line], "-", color="black",
                     alpha=0.6, label="step reduction (DDPM-100 / DDIM-K)", zorder=1)
@@ -67,12 +67,12 @@ def plot_task(summary, task: str, out_dir) -> Path:
             err = [[max(0.0, y - r["ci_low"])], [max(0.0, r["ci_high"] - y)]]
             ax.errorbar(r["latency_ms_p50"], y, yerr=err, fmt=marker, color=colour, ecolor=colour, alpha=0.8,
                         markerfacecolor=colour if filled else "white", capsize=2, label=label, zorder=2)
-            if (y >= ZOOM_FROM) == (low == ZOOM_FROM):  # each point labelled in one panel
+            if (y >= ZOOM_FROM) == zoomed:  # each point labelled in one panel
                 ax.annotate(r["setting"], (r["latency_ms_p50"], y), fontsize=6, xytext=(3, 3),
                             textcoords="offset points")
         ax.set_xscale("log")
         ax.set_xlabel("chunk latency at batch 1, median (ms, log scale)")
-        ax.set_ylim(low, high)
+        ax.set_ylim(*((ZOOM_FROM, 1.01) if zoomed else (-0.02, 1.02)))
         ax.grid(alpha=0.3, which="both")
     axes[0].set_ylabel("success rate (95% Wilson CI)")
     axes[1].set_title(f"success >= {ZOOM_FROM:.2f}", fontsize=9)

@@ -126,17 +126,18 @@ class Sampler:
         if s.prev_from_eps:
             out = out + s.prev_from_eps * model_output
         if s.std:
-            if noise is None:
-                noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            out = out + s.std * noise
+            out = out + s.std * (_noise_like(x, generator) if noise is None else noise)
         return out
 
     def draw_step_noise(self, x: torch.Tensor, generator: torch.Generator | None = None) -> list:
         """The noise `sample` would draw for x, per step (None for a deterministic step), drawn now."""
         if self.config.kind == "flow":
             return [None] * len(self.timesteps)
-        return [torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) if s.std else None
-                for s in self.steps]
+        return [_noise_like(x, generator) if s.std else None for s in self.steps]
+
+
+def _noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
 @functools.lru_cache(maxsize=64)

@@ -207,7 +207,7 @@ def test_diffusers_first_block_cache_skipping_every_step_is_reuse_of_all_layers_
     assert np.abs(chunk(policy, OBS[:1]) - theirs).max() > 1e-3  # and that is not the uncached output
 
 
-def test_diffusers_caches_follow_each_other_on_one_policy(policy, tmp_path):
+def test_diffusers_caches_follow_each_other_on_one_policy(policy):
     ref = chunk(policy, OBS[:1])
     ratios = calibrate_mag_ratios(policy, OBS)
     for _ in range(2):  # as the benchmark's interleaved timing rounds do
