@@ -5,7 +5,8 @@
 AdamW (lr 1e-4, betas 0.9/0.95, weight decay 1e-3 on Linear weights), cosine schedule with warm-up,
 EMA of the weights (power 0.75). Everything goes to `out_dir`:
     last.pt            full training state (policy, EMA, optimiser, LR schedule, step, RNG); rerunning
-                       the same command resumes from it, bit-exactly
+                       the same command resumes from it, bit-exactly; with a larger `steps=` a
+                       finished run goes on, its LR following the longer schedule from where it is
     log.jsonl          one line per `log_every` steps: step, loss, lr, sec_per_step
     checkpoint/        shippable policy (config.json + model.safetensors, EMA weights), every save
 At the end the checkpoint is also written to `export_dir` (e.g. checkpoints/lift_dp_t).
@@ -55,6 +56,7 @@ class TrainConfig:
     num_threads: int = 2
     seed: int = 0
     device: str = "auto"  # auto = cuda if available
+    precision: str = "fp32"  # "bf16": forward and loss under bf16 autocast (weights, optimiser, EMA stay fp32)
     progress: bool = True
     horizon: int = 16
     n_obs_steps: int = 2
@@ -72,6 +74,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
 
     def policy_config(self, obs_dim: int, action_dim: int, info: dict) -> PolicyConfig:
         return PolicyConfig(obs_dim=obs_dim, action_dim=action_dim, horizon=self.horizon,
@@ -191,7 +195,8 @@ def train(cfg: TrainConfig) -> Path:
     with open(out / LOG_FILE, "a") as log:
         while step < cfg.steps:
             obs, action = dataset.batch(batch_indices(step, len(dataset), cfg.batch_size, cfg.seed))
-            loss = policy.compute_loss(obs.to(device), action.to(device))
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+                loss = policy.compute_loss(obs.to(device), action.to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

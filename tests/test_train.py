@@ -117,6 +117,35 @@ def test_resume_is_exact(dataset_path, tmp_path, monkeypatch):
         train(tiny(dataset_path, tmp_path / "split", model=dict(n_layer=2, n_head=2, n_emb=16)))
 
 
+
+def test_raising_steps_extends_a_finished_run_on_the_longer_schedule(dataset_path, tmp_path):
+    train(tiny(dataset_path, tmp_path / "run", steps=4))
+    train(tiny(dataset_path, tmp_path / "run", steps=8))
+    log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [2, 4, 6, 8]
+    from diffusers.optimization import get_scheduler
+
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-4)
+    sched = get_scheduler("cosine", opt, num_warmup_steps=2, num_training_steps=8)
+    lrs = []
+    for _ in range(8):
+        opt.step()
+        sched.step()
+        lrs.append(sched.get_last_lr()[0])
+    assert log[1]["lr"] == 0.0  # the 4-step run ended its own schedule...
+    assert log[2]["lr"] == pytest.approx(lrs[5]) and log[2]["lr"] > 0  # ...the extension follows the 8-step one
+
+
+def test_bf16_precision_trains_under_autocast(dataset_path, tmp_path):
+    train(tiny(dataset_path, tmp_path / "fp32"))
+    train(tiny(dataset_path, tmp_path / "bf16", precision="bf16"))
+    fp32, bf16 = (torch.load(tmp_path / d / STATE_FILE, weights_only=False) for d in ("fp32", "bf16"))
+    assert all(v.dtype == torch.float32 for v in bf16["policy"].values() if v.is_floating_point())
+    diffs = [(fp32["policy"][k] - bf16["policy"][k]).abs().max().item() for k in fp32["policy"]]
+    assert 0 < max(diffs) < 1e-2  # the same run up to bf16 rounding
+    with pytest.raises(ValueError, match="precision"):
+        tiny(dataset_path, tmp_path / "x", precision="fp16")
+
 def test_cli_config_overrides():
     cfg = load_config(TrainConfig, ["env=can", "steps=5", "model.n_emb=64"], "train.yaml")
     assert cfg.dataset == "data/can.zarr" and cfg.out_dir == "runs/can_dp_t" and cfg.model["n_emb"] == 64
