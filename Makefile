@@ -30,20 +30,19 @@ rollout: $(STAMP)
 # After `python -m policy_accel.train env=<task>`: the schedules configs/sweep.yaml needs, the card's
 # 100-episode rollout, and the card.  make -j2 ship-lift  (calibration and rollout run side by side;
 # needs data/<task>.zarr and runs/<task>_dp_t; rerun after an interruption: finished parts are kept)
-CALIBRATE := $(PY) -m policy_accel.cache.calibrate num_threads=1
-# calibrate unless the last file that command writes exists (delete schedules/ after retraining)
-once = test -f checkpoints/$*_dp_t/schedules/$(1).json || $(CALIBRATE) checkpoint=checkpoints/$*_dp_t
+# skip_current: a calibration whose files exist for these weights is not redone (retraining redoes all)
+CALIBRATE = $(PY) -m policy_accel.cache.calibrate num_threads=1 skip_current=true checkpoint=checkpoints/$*_dp_t
 .PHONY: schedules-% card-rollout-%
 schedules-%: $(STAMP)
-	$(call once,bac_s20_b5_ddpm100) 'budget=[5,7,10,20]' 'bubble_blocks=[0,5]'
-	$(call once,bac_s10_b5_ddim20) 'budget=[5,10]' bubble_blocks=5 sampler=ddim steps=20
-	$(call once,bac_s20_b5_ddim50) 'budget=[10,20]' bubble_blocks=5 sampler=ddim steps=50
-	$(call once,bac_s20_b0_ddpm100_f1) 'budget=[10,20]' bubble_blocks=0 forecast_order=1
-	$(call once,bac_s5_b5_ddim20_f1) budget=5 bubble_blocks=5 sampler=ddim steps=20 forecast_order=1
-	$(call once,bac_s10_b5_ddim50_f1) budget=10 bubble_blocks=5 sampler=ddim steps=50 forecast_order=1
-	$(call once,magcache_ddpm100) magcache=true
-	$(call once,magcache_ddim20) magcache=true sampler=ddim steps=20
-	$(call once,magcache_ddim50) magcache=true sampler=ddim steps=50
+	$(CALIBRATE) 'budget=[5,7,10,20]' 'bubble_blocks=[0,5]'
+	$(CALIBRATE) 'budget=[5,10]' bubble_blocks=5 sampler=ddim steps=20
+	$(CALIBRATE) 'budget=[10,20]' bubble_blocks=5 sampler=ddim steps=50
+	$(CALIBRATE) 'budget=[10,20]' bubble_blocks=0 forecast_order=1
+	$(CALIBRATE) budget=5 bubble_blocks=5 sampler=ddim steps=20 forecast_order=1
+	$(CALIBRATE) budget=10 bubble_blocks=5 sampler=ddim steps=50 forecast_order=1
+	$(CALIBRATE) magcache=true
+	$(CALIBRATE) magcache=true sampler=ddim steps=20
+	$(CALIBRATE) magcache=true sampler=ddim steps=50
 
 # the card's rollout is a (resumable) sweep: its shards are reused by the full benchmark later
 card-rollout-%: $(STAMP)

@@ -191,6 +191,14 @@ def test_calibrate_cli_writes_schedules_that_methods_load(tmp_path):
         apply_method(policy, parse_method("diffusers_magcache0.1@ddim10"), ckpt, policy.config.sampler)
     written = calibrate_cli([f"checkpoint={ckpt}", "magcache=true", "observations=4", "num_threads=1"])
     assert [p.name for p in written] == ["magcache_ddpm20.json"]
+    args = [f"checkpoint={ckpt}", "budget=[4,6]", "bubble_blocks=0", "observations=4", "num_threads=1",
+            "skip_current=true"]
+    assert calibrate_cli(args) == []  # both files exist for these weights
+    stale = ckpt / "schedules" / "bac_s6_b0_ddpm20.json"
+    stale.write_text(stale.read_text().replace(policy.checkpoint_hash, "0" * len(policy.checkpoint_hash)))
+    assert [p.name for p in calibrate_cli(args)] == ["bac_s4_b0_ddpm20.json", "bac_s6_b0_ddpm20.json"]
+    assert pa.Schedule.load(stale).checkpoint_hash == policy.checkpoint_hash
+    assert calibrate_cli([f"checkpoint={ckpt}", "magcache=true", "skip_current=true"]) == []
     apply_method(policy, parse_method("diffusers_magcache0.1"), ckpt, policy.config.sampler).remove()
     assert policy.sampling_hooks == []
     with pytest.raises(ValueError, match="forecast_order"):

@@ -229,6 +229,16 @@ class CalibrateConfig:
     out_dir: str | None = None  # default <checkpoint>/schedules
     forecast_order: int = 0  # 0: BAC's reuse criterion; 1: the order-1 forecast error (for BAC+Taylor o1)
     magcache: bool = False  # write diffusers' MagCache ratios (cache/peers.py) instead of BAC schedules
+    skip_current: bool = False  # do nothing when every file this would write exists for this checkpoint's weights
+
+
+def _is_current(path: Path, checkpoint_hash: str) -> bool:
+    from policy_accel.cli import read_json
+
+    try:
+        return read_json(path, "calibration").get("checkpoint_hash") == checkpoint_hash
+    except (FileNotFoundError, ValueError):  # missing or cut short: make it again
+        return False
 
 
 def run(argv: list[str]) -> list[Path]:
@@ -243,31 +253,39 @@ def run(argv: list[str]) -> list[Path]:
     policy = load_policy(cfg.checkpoint)
     native = policy.config.sampler
     policy.set_sampler(SamplerConfig(cfg.sampler or native.kind, cfg.steps or native.num_steps, native.num_train_steps))
+    sampler = policy.sampler
+    out_dir = Path(cfg.out_dir or Path(cfg.checkpoint) / "schedules")
+    if cfg.magcache:
+        from policy_accel.cache.peers import mag_ratios_name
+
+        paths = [out_dir / f"{mag_ratios_name(sampler.kind, sampler.num_steps)}.json"]
+    else:
+        paths = [out_dir / f"{schedule_name(b, bb, sampler.kind, sampler.num_steps, cfg.forecast_order)}.json"
+                 for b in budgets for bb in bubbles]
+    if cfg.skip_current and all(_is_current(p, policy.checkpoint_hash) for p in paths):
+        print(f"up to date for checkpoint {policy.checkpoint_hash}: " + ", ".join(p.name for p in paths))
+        return []
     dataset = cfg.dataset or policy.config.info.get("dataset")
     if not dataset:
         raise SystemExit(f"{cfg.checkpoint} names no training dataset; pass dataset=<path.zarr>")
     obs = demo_observations(dataset, cfg.observations, policy.config.n_obs_steps, cfg.seed)
     description = f"{len(obs)} observation histories drawn from {dataset} (seed {cfg.seed})"
-    out_dir = Path(cfg.out_dir or Path(cfg.checkpoint) / "schedules")
     if cfg.magcache:
-        from policy_accel.cache.peers import calibrate_mag_ratios, mag_ratios_name
+        from policy_accel.cache.peers import calibrate_mag_ratios
 
         ratios = calibrate_mag_ratios(policy, np.stack(obs), description)
-        path = out_dir / f"{mag_ratios_name(ratios.sampler, ratios.num_steps)}.json"
-        ratios.save(path)
-        print(f"{path}: {ratios.num_steps} MagCache ratios, {min(ratios.ratios):.3f} to {max(ratios.ratios):.3f}")
-        return [path]
+        ratios.save(paths[0])
+        print(f"{paths[0]}: {ratios.num_steps} MagCache ratios, {min(ratios.ratios):.3f} to {max(ratios.ratios):.3f}")
+        return paths
     infos = _check_uncached(policy, cfg.blocks, budgets, cfg.forecast_order)
     profile = profile_blocks(policy, obs, infos, cfg.batch_size)
     written = []
-    for budget in budgets:
-        for bubble in bubbles:
-            sched = schedule_from_profile(policy, profile, infos, budget, bubble, description, cfg.forecast_order)
-            path = out_dir / f"{schedule_name(budget, bubble, sched.sampler, sched.num_steps, cfg.forecast_order)}.json"
-            sched.save(path)
-            written.append(path)
-            print(f"{path}: computes {sched.computed_fraction():.1%} of block-steps, "
-                  f"stability (mean Jaccard) {sched.calibration['mean_jaccard_to_aggregate']:.2f}")
+    for (budget, bubble), path in zip([(b, bb) for b in budgets for bb in bubbles], paths, strict=True):
+        sched = schedule_from_profile(policy, profile, infos, budget, bubble, description, cfg.forecast_order)
+        sched.save(path)
+        written.append(path)
+        print(f"{path}: computes {sched.computed_fraction():.1%} of block-steps, "
+              f"stability (mean Jaccard) {sched.calibration['mean_jaccard_to_aggregate']:.2f}")
     return written
 
 
