@@ -106,7 +106,7 @@ def run_batch(policy, venv, seeds: list[int], record: list | None = None) -> np.
     for t in range(10**6):
         if record is not None and t % Ta == 0:
             record.extend(np.stack(history, axis=1)[~done])
-        action = policy.select_action(obs)
+        action = policy.select_action(obs, done=done)  # finished envs cost no denoising
         obs, _, terminated, truncated, info = venv.step(action)
         history = history[1:] + [obs]
         success |= info["success"]

@@ -153,12 +153,17 @@ class Policy(nn.Module):
         for hook in self.sampling_hooks:
             hook.reset()
 
-    def select_action(self, obs) -> np.ndarray:
-        """One env observation (obs_dim,) -> one action (Da,); a batch (B, obs_dim) -> (B, Da)."""
+    def select_action(self, obs, done: np.ndarray | None = None) -> np.ndarray:
+        """One env observation (obs_dim,) -> one action (Da,); a batch (B, obs_dim) -> (B, Da).
+        `done` (B,) bool marks rows whose episode is over: a new chunk is not computed for them
+        (zeros instead), and the other rows get the actions they would get without it."""
         batch, single = self._check_obs(obs)
+        if done is not None and np.shape(done) != (len(batch),):
+            raise ValueError(f"done must have shape ({len(batch)},), got {np.shape(done)}")
         self._push(batch)
         if not self._actions:
-            chunk = self._predict(np.stack(self._history, axis=1))  # (B, Ta, Da)
+            active = None if done is None else ~np.asarray(done, dtype=bool)
+            chunk = self._predict(np.stack(self._history, axis=1), active=active)  # (B, Ta, Da)
             self._actions.extend(chunk.transpose(1, 0, 2))
         action = self._actions.popleft()
         return action[0] if single else action
@@ -203,8 +208,8 @@ class Policy(nn.Module):
 
     @torch.inference_mode()
     def _predict(self, history: np.ndarray, noise: torch.Tensor | None = None,
-                 step_noise: list | None = None) -> np.ndarray:
-        """history (B, To, obs_dim) raw -> executable actions (B, Ta, Da) raw."""
+                 step_noise: list | None = None, active: np.ndarray | None = None) -> np.ndarray:
+        """history (B, To, obs_dim) raw -> executable actions (B, Ta, Da) raw; rows not `active` are zeros."""
         cfg, device = self.config, self.device
         if self.generator.device != device:  # the policy was moved since seed()
             self.seed(self._seed)
@@ -216,12 +221,17 @@ class Policy(nn.Module):
             raise ValueError(f"noise must have shape {shape}, got {tuple(noise.shape)}")
         else:
             noise = noise.to(device=device, dtype=torch.float32)
-        if B > 1 and any(getattr(h, "batch_coupled", False) for h in hooks):
-            # each row on its own, with the noise the batch would have drawn
+        coupled = B > 1 and any(getattr(h, "batch_coupled", False) for h in hooks)
+        if coupled or (active is not None and not active.all()):
+            # some rows, or each row on its own, with the noise the whole batch would have drawn
             step_noise = self._sampler.draw_step_noise(noise, self.generator)
-            return np.concatenate([self._predict(history[i:i + 1], noise[i:i + 1],
-                                                 [n if n is None else n[i:i + 1] for n in step_noise])
-                                   for i in range(B)])
+            rows = np.flatnonzero(active) if active is not None else np.arange(B)
+            groups = [rows[i:i + 1] for i in range(len(rows))] if coupled else [rows] if len(rows) else []
+            out = np.zeros((B, cfg.n_action_steps, cfg.action_dim), dtype=np.float32)
+            for g in groups:
+                idx = torch.as_tensor(g, device=device)
+                out[g] = self._predict(history[g], noise[idx], [n if n is None else n[idx] for n in step_noise])
+            return out
 
         cond = self.obs_normalizer.normalize(torch.from_numpy(history).to(device))
         timesteps = self._sampler.timesteps

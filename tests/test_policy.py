@@ -133,6 +133,30 @@ def test_same_seed_same_actions(policy):
     assert np.array_equal(np.stack([other.select_action(OBS) for _ in range(2 * TA)]), runs[0])
 
 
+
+def test_done_rows_are_not_computed_and_the_others_get_their_own_actions(policy):
+    policy.set_sampler(pa.SamplerConfig("ddpm", 100))  # fresh noise at every step: the RNG stream must match
+    rec = Recorder()
+
+    def run(done_at_chunk):
+        policy.seed(3)
+        policy.reset()
+        rec.events.clear()
+        return np.stack([policy.select_action(OBS, done=done_at_chunk[t // TA]) for t in range(3 * TA)])
+
+    policy.sampling_hooks.append(rec)
+    free = run([None, None, None])
+    partial = run([None, np.array([False, True, False]), np.array([True, True, True])])
+    assert [e[1] for e in rec.events if e[0] == "chunk"] == [3, 2]  # 3 rows, then 2, then none computed
+    np.testing.assert_allclose(partial[:TA], free[:TA], atol=1e-6)
+    np.testing.assert_allclose(partial[TA:2 * TA, [0, 2]], free[TA:2 * TA, [0, 2]], atol=1e-6)
+    assert not partial[TA:2 * TA, 1].any() and not partial[2 * TA:].any()
+    later = run([np.array([True, False, True]), None, None])  # the noise stream is as if every row ran
+    np.testing.assert_allclose(later[TA:], free[TA:], atol=1e-6)
+    np.testing.assert_allclose(later[:TA, 1], free[:TA, 1], atol=1e-6)
+    with pytest.raises(ValueError, match="done must have shape"):
+        policy.select_action(OBS, done=np.zeros(2, bool))
+
 def test_save_load_round_trip(policy, tmp_path):
     policy.save(tmp_path / "ck")
     loaded = pa.load_policy(tmp_path / "ck")

@@ -42,14 +42,15 @@ class ExpertPolicy:
             e.reset(seed=i)
 
     def seed(self, seed):
-        pass
+        self.done_seen = []
 
-    def select_action(self, obs):
+    def select_action(self, obs, done=None):
+        self.done_seen.append(done.copy())
         return np.stack([e.act(o) for e, o in zip(self.experts, obs, strict=True)])
 
 
 class IdlePolicy(ExpertPolicy):
-    def select_action(self, obs):
+    def select_action(self, obs, done=None):
         return np.zeros((len(obs), 2), np.float32)
 
 
@@ -75,8 +76,8 @@ def test_success_counting_batches_padding_and_recorded_histories():
 class HalfExpertPolicy(ExpertPolicy):
     """The expert drives the even envs; the odd ones stand still and fail."""
 
-    def select_action(self, obs):
-        actions = super().select_action(obs)
+    def select_action(self, obs, done=None):
+        actions = super().select_action(obs, done)
         actions[1::2] = 0
         return actions
 
@@ -86,8 +87,10 @@ def test_envs_hold_after_success_and_mixed_batches_finish():
     venv = rollout.make_vector_env(spec, 4)
     seeds = [100000 + i for i in range(4)]
     record = []
-    success = rollout.run_batch(HalfExpertPolicy(4), venv, seeds, record)
+    policy = HalfExpertPolicy(4)
+    success = rollout.run_batch(policy, venv, seeds, record)
     assert success.tolist() == [True, False, True, False]
+    assert not policy.done_seen[0].any() and policy.done_seen[-1].tolist() == [True, False, True, False]
     inner = [env.unwrapped for env in venv.envs]
     assert inner[1]._t == inner[1].horizon and inner[0]._t < inner[0].horizon  # no physics after success
     assert len(record) < 4 * math.ceil(inner[1].horizon / 4)  # finished envs stop being recorded
