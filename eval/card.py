@@ -40,6 +40,15 @@ def training_hours(log_path: Path) -> float:
     return seconds / 3600
 
 
+def _segment_lines(segments: list[dict]) -> list[str]:
+    """One line per stretch of a run that was extended (steps=) or switched precision."""
+    if len(segments) < 2:
+        return []
+    ends = [s["from_step"] for s in segments[1:]] + [segments[-1]["steps"]]
+    return [f"  - steps {s['from_step']}-{end}: `steps={s['steps']} precision={s['precision']}` "
+            f"(LR schedule over {s['steps']} steps)" for s, end in zip(segments, ends, strict=True)]
+
+
 def render(cfg: CardConfig) -> str:
     policy = pa.load_policy(cfg.checkpoint)
     info, pc = policy.config.info, policy.config
@@ -68,6 +77,7 @@ def render(cfg: CardConfig) -> str:
         f"- `python -m policy_accel.train env={info['env']}` (configs/train.yaml): {info.get('train_steps')} steps, "
         f"{training_hours(Path(cfg.run_dir) / 'log.jsonl'):.1f} h of compute on this 2-core CPU "
         "(1-2 threads, at times sharing the machine with other jobs; includes steps redone after restarts).",
+        *_segment_lines(info.get("train_segments") or []),
         "",
         "## Measured closed-loop success",
         f"`{summary.get('command') or _rollout_command(summary)}`",

@@ -179,6 +179,13 @@ def train(cfg: TrainConfig) -> Path:
         if "cuda_rng" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         _trim_log(out / LOG_FILE, step)
+    # what each stretch of the run was trained with (a larger steps= or another precision starts one)
+    segments = state.get("segments", []) if state is not None else []
+    if not segments or (segments[-1]["steps"], segments[-1]["precision"]) != (cfg.steps, cfg.precision):
+        segments.append({"from_step": step, "steps": cfg.steps, "precision": cfg.precision})
+
+    def train_info():
+        return {"train_steps": step, "train_segments": segments}
 
     def save():
         rng = {"rng": torch.get_rng_state()}
@@ -186,9 +193,9 @@ def train(cfg: TrainConfig) -> Path:
             rng["cuda_rng"] = torch.cuda.get_rng_state_all()
         _atomic_save({"step": step, "policy": policy.state_dict(), "ema": ema.state_dict(),
                       "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
-                      "policy_config": policy_config.to_dict(), "train_config": dataclasses.asdict(cfg), **rng},
-                     state_path)
-        return export_checkpoint(policy, ema, out / CHECKPOINT_DIR, {"train_steps": step})
+                      "policy_config": policy_config.to_dict(), "train_config": dataclasses.asdict(cfg),
+                      "segments": segments, **rng}, state_path)
+        return export_checkpoint(policy, ema, out / CHECKPOINT_DIR, train_info())
 
     bar = tqdm(total=cfg.steps, initial=step, disable=not cfg.progress, desc=f"train {cfg.env}", unit="step")
     running, count, t0 = torch.zeros((), device=device), 0, time.perf_counter()
@@ -224,7 +231,7 @@ def train(cfg: TrainConfig) -> Path:
         save()
     result = out / CHECKPOINT_DIR
     if cfg.export_dir:
-        result = export_checkpoint(policy, ema, cfg.export_dir, {"train_steps": step})
+        result = export_checkpoint(policy, ema, cfg.export_dir, train_info())
     return result
 
 

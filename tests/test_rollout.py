@@ -148,6 +148,11 @@ def test_rollout_end_to_end_on_push2d_writes_summary(tmp_path):
     assert f"| uncached | {u['successes']}/5 | [{u['ci_low']:.2f}, {u['ci_high']:.2f}]" in text and "1.0 h" in text
     assert "| `schedules/bac_s2_b0_ddpm20.json` | DDPM-20 | 2 | 0 | reuse (cosine) | 12.5% | 0.50 |" in text
     assert "`schedules/magcache_ddpm20.json`" in text
+    assert "steps 0-" not in text  # one stretch: nothing to say
+    assert card._segment_lines([{"from_step": 0, "steps": 100, "precision": "fp32"},
+                                {"from_step": 100, "steps": 200, "precision": "bf16"}]) == [
+        "  - steps 0-100: `steps=100 precision=fp32` (LR schedule over 100 steps)",
+        "  - steps 100-200: `steps=200 precision=bf16` (LR schedule over 200 steps)"]
 
 
 def test_rollout_rejects_bad_config(tmp_path):

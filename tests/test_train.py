@@ -108,6 +108,7 @@ def test_resume_is_exact(dataset_path, tmp_path, monkeypatch):
     full = torch.load(tmp_path / "full" / STATE_FILE, weights_only=False)
     split = torch.load(tmp_path / "split" / STATE_FILE, weights_only=False)
     assert full["step"] == split["step"] == 8
+    assert split["segments"] == [{"from_step": 0, "steps": 8, "precision": "fp32"}]  # a resume is no new stretch
     for key in full["policy"]:
         assert torch.equal(full["policy"][key], split["policy"][key]), key
     for a, b in zip(full["ema"]["shadow_params"], split["ema"]["shadow_params"], strict=True):
@@ -134,6 +135,8 @@ def test_raising_steps_extends_a_finished_run_on_the_longer_schedule(dataset_pat
         lrs.append(sched.get_last_lr()[0])
     assert log[1]["lr"] == 0.0  # the 4-step run ended its own schedule...
     assert log[2]["lr"] == pytest.approx(lrs[5]) and log[2]["lr"] > 0  # ...the extension follows the 8-step one
+    assert pa.load_policy(tmp_path / "run" / "checkpoint").config.info["train_segments"] == [
+        {"from_step": 0, "steps": 4, "precision": "fp32"}, {"from_step": 4, "steps": 8, "precision": "fp32"}]
 
 
 def test_bf16_precision_trains_under_autocast(dataset_path, tmp_path):
