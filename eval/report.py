@@ -9,6 +9,7 @@ frontier a caching method has to beat.
 """
 
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +38,10 @@ def frontier(rows: list[dict]) -> list[dict]:
     return sorted((r for r in rows if r["method"] in ("uncached", "ddim")), key=lambda r: r["latency_ms_p50"])
 
 
-ZOOM_FROM = 0.85
+def zoom_floor(rows: list[dict]) -> float:
+    """Bottom of the zoomed panel: a little under the lowest CI of the step-reduction line."""
+    lows = [r["ci_low"] for r in frontier(rows)] or [0.0]
+    return max(0.0, math.floor((min(lows) - 0.05) * 20) / 20)
 
 
 def plot_task(summary, task: str, out_dir) -> Path:
@@ -45,14 +49,16 @@ def plot_task(summary, task: str, out_dir) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from adjustText import adjust_text
 
     rows = [r for r in load_rows(summary) if r["task"] == task]
     if not rows:
         raise ValueError(f"no rows for task {task!r} in {summary}")
     # left: everything; right: the top band, where most points sit, stretched so their labels separate
     fig, axes = plt.subplots(1, 2, figsize=(14, 6), gridspec_kw={"width_ratios": [1, 1.4]})
-    line = frontier(rows)
+    line, floor = frontier(rows), zoom_floor(rows)
     for ax, zoomed in zip(axes, (False, True), strict=True):
+        texts = []
         if line:
             ax.plot([r["latency_ms_p50"] for r in line], [r["success_rate"] for r in line], "-", color="black",
                     alpha=0.6, label="step reduction (DDPM-100 / DDIM-K)", zorder=1)
@@ -67,15 +73,15 @@ def plot_task(summary, task: str, out_dir) -> Path:
             err = [[max(0.0, y - r["ci_low"])], [max(0.0, r["ci_high"] - y)]]
             ax.errorbar(r["latency_ms_p50"], y, yerr=err, fmt=marker, color=colour, ecolor=colour, alpha=0.8,
                         markerfacecolor=colour if filled else "white", capsize=2, label=label, zorder=2)
-            if (y >= ZOOM_FROM) == zoomed:  # each point labelled in one panel
-                ax.annotate(r["setting"], (r["latency_ms_p50"], y), fontsize=6, xytext=(3, 3),
-                            textcoords="offset points")
+            if (y >= floor) == zoomed:  # each point labelled in one panel
+                texts.append(ax.text(r["latency_ms_p50"], y, r["setting"], fontsize=6))
         ax.set_xscale("log")
         ax.set_xlabel("chunk latency at batch 1, median (ms, log scale)")
-        ax.set_ylim(*((ZOOM_FROM, 1.01) if zoomed else (-0.02, 1.02)))
+        ax.set_ylim(*((floor, 1.01) if zoomed else (-0.02, 1.02)))
         ax.grid(alpha=0.3, which="both")
+        adjust_text(texts, ax=ax, arrowprops=dict(arrowstyle="-", color="grey", lw=0.4))
     axes[0].set_ylabel("success rate (95% Wilson CI)")
-    axes[1].set_title(f"success >= {ZOOM_FROM:.2f}", fontsize=9)
+    axes[1].set_title(f"success >= {floor:.2f}", fontsize=9)
     n = max(r["n_episodes"] for r in rows)
     fig.suptitle(f"{task}: success vs control-loop latency ({rows[0]['policy']}, {n} episodes per point)")
     handles, labels = axes[0].get_legend_handles_labels()

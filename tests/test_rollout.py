@@ -305,6 +305,10 @@ def test_frontier_table_compares_each_caching_point_with_the_best_step_reduction
     assert "| ddim5 (50 ms) | 0.30 | worse |" in lines["uniform8"]
     assert "| ddim5 (50 ms) | 0.30 | within CI |" in lines["bac5"]
     assert "| none as fast | - |" in lines["uniform20"]
+    from eval.report import zoom_floor
+
+    assert zoom_floor(rows) == pytest.approx(0.15)  # the zoomed panel starts under ddim5's CI (0.22)
+    assert zoom_floor([r for r in rows if r["method"] not in ("uncached", "ddim")]) == 0.0
 
 
 def test_memory_check_reports_rss_over_the_loop(tmp_path):
