@@ -22,7 +22,7 @@ FAMILY_STYLE = {  # method family -> (colour, marker)
     "uncached": ("black", "s"), "ddim": ("black", "o"), "lossless": ("grey", "D"),
     "uniform": ("tab:orange", "v"), "taylorseer": ("tab:green", "^"), "bac": ("tab:blue", "<"),
     "bac_taylor": ("tab:red", "*"), "diffusers_taylorseer": ("tab:purple", "P"), "every_step": ("grey", "x"),
-    "diffusers_fbc": ("tab:cyan", "h"), "diffusers_magcache": ("tab:brown", "X"),
+    "diffusers_fbc": ("tab:cyan", "h"), "diffusers_magcache": ("tab:brown", "X"), "compile": ("tab:pink", "d"),
 }
 
 
@@ -77,9 +77,10 @@ def plot_task(summary, task: str, out_dir) -> Path:
                 texts.append(ax.text(r["latency_ms_p50"], y, r["setting"], fontsize=6))
         ax.set_xscale("log")
         ax.set_xlabel("chunk latency at batch 1, median (ms, log scale)")
-        ax.set_ylim(*((floor, 1.01) if zoomed else (-0.02, 1.02)))
+        ax.set_ylim(*((floor, 1.0 + 0.04 * (1 - floor)) if zoomed else (-0.02, 1.04)))  # room for labels
         ax.grid(alpha=0.3, which="both")
-        adjust_text(texts, ax=ax, arrowprops=dict(arrowstyle="-", color="grey", lw=0.4))
+        adjust_text(texts, ax=ax, expand=(1.2, 1.8), force_text=(0.2, 0.8),
+                    arrowprops=dict(arrowstyle="-", color="grey", lw=0.4))
     axes[0].set_ylabel("success rate (95% Wilson CI)")
     axes[1].set_title(f"success >= {floor:.2f}", fontsize=9)
     n = max(r["n_episodes"] for r in rows)
