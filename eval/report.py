@@ -55,7 +55,7 @@ def plot_task(summary, task: str, out_dir) -> Path:
     if not rows:
         raise ValueError(f"no rows for task {task!r} in {summary}")
     # left: everything; right: the top band, where most points sit, stretched so their labels separate
-    fig, axes = plt.subplots(1, 2, figsize=(14, 6), gridspec_kw={"width_ratios": [1, 1.4]})
+    fig, axes = plt.subplots(1, 2, figsize=(15, 7.5), gridspec_kw={"width_ratios": [1, 1.4]})
     line, floor = frontier(rows), zoom_floor(rows)
     for ax, zoomed in zip(axes, (False, True), strict=True):
         texts = []
@@ -79,7 +79,7 @@ def plot_task(summary, task: str, out_dir) -> Path:
         ax.set_xlabel("chunk latency at batch 1, median (ms, log scale)")
         ax.set_ylim(*((floor, 1.0 + 0.04 * (1 - floor)) if zoomed else (-0.02, 1.04)))  # room for labels
         ax.grid(alpha=0.3, which="both")
-        adjust_text(texts, ax=ax, expand=(1.2, 1.8), force_text=(0.2, 0.8),
+        adjust_text(texts, ax=ax, expand=(1.3, 2.0), force_text=(0.3, 1.0), max_move=None,
                     arrowprops=dict(arrowstyle="-", color="grey", lw=0.4))
     axes[0].set_ylabel("success rate (95% Wilson CI)")
     axes[1].set_title(f"success >= {floor:.2f}", fontsize=9)
