@@ -61,7 +61,9 @@ def time_chunks(policy, histories, noises, count: int, offset: int = 0) -> list[
 def time_methods(policy, methods: list, checkpoint, histories: list[np.ndarray], rounds: int, repeats: int,
                  warmup: int, progress: bool = True) -> tuple[dict, dict]:
     """Interleaved batch-1 timing: per method spec, chunk seconds (rounds x repeats) and FLOPs per chunk.
-    `histories` are (1, n_obs_steps, obs_dim); every method sees the same histories and noise."""
+    `histories` are (1, n_obs_steps, obs_dim); every method sees the same histories and noise. FLOPs of a
+    threshold cache (FBC, MagCache) are the mean over all histories, history i with noise seed i; a schedule's
+    do not depend on the input."""
     pc, native = policy.config, policy.config.sampler
     gen = torch.Generator().manual_seed(0)
     noises = [torch.randn(1, pc.horizon, pc.action_dim, generator=gen) for _ in histories]
@@ -73,7 +75,8 @@ def time_methods(policy, methods: list, checkpoint, histories: list[np.ndarray],
                 remover = apply_method(policy, m, checkpoint, native)
                 if r == 0:
                     time_chunks(policy, histories, noises, warmup)  # compile happens here
-                    flops[m.spec] = pa.chunk_flops(policy, histories[0])
+                    counted = histories if m.input_dependent else histories[:1]
+                    flops[m.spec] = float(np.mean([pa.chunk_flops(policy, h, seed=i) for i, h in enumerate(counted)]))
                 times[m.spec] += time_chunks(policy, histories, noises, repeats, r * repeats)
                 if remover:
                     remover.remove()

@@ -244,6 +244,24 @@ SUMMARY_FIELDS = {"policy", "task", "method", "setting", "n_episodes", "successe
                   "ci_high", "latency_ms_p50", "latency_ms_p95", "latency_ms_p99", "speedup", "flops_ratio"}
 
 
+def test_flops_of_a_threshold_cache_are_averaged_over_the_timed_observations(tmp_path):
+    ckpt = tiny_checkpoint(tmp_path / "ckpt")
+    policy = pa.load_policy(ckpt)
+    rng = np.random.default_rng(0)
+    histories = [rng.uniform(-3, 3, (1, 2, policy.config.obs_dim)).astype(np.float32) for _ in range(6)]
+    fbc = parse_method("diffusers_fbc0.3")
+    remover = apply_method(policy, fbc, ckpt, policy.config.sampler)
+    state = policy.generator.get_state()
+    each = [pa.chunk_flops(policy, h, seed=i) for i, h in enumerate(histories)]
+    remover.remove()
+    assert torch.equal(policy.generator.get_state(), state)  # counting draws no noise from the policy's stream
+    assert len(set(each)) > 1  # which layers FBC skips depends on the observation and noise
+    _, flops = bench_denoiser.time_methods(policy, [parse_method("uncached"), fbc], ckpt, histories, rounds=1,
+                                           repeats=1, warmup=0, progress=False)
+    assert flops["diffusers_fbc0.3"] == pytest.approx(np.mean(each))
+    assert flops["uncached"] == pa.chunk_flops(policy, histories[0])
+
+
 def test_sweep_end_to_end_on_ray_is_resumable_and_writes_schema(tmp_path, capsys):
     from eval import report, sweep
 

@@ -55,10 +55,15 @@ def cache_stats(policy) -> CacheStats:
     )
 
 
-def chunk_flops(policy, obs: np.ndarray) -> int:
-    """FLOPs of one `predict_action_chunk(obs)` as the policy is now (skipped blocks cost nothing)."""
+def chunk_flops(policy, obs: np.ndarray, seed: int = 0) -> int:
+    """FLOPs of one `predict_action_chunk(obs)` as the policy is now (skipped blocks cost nothing).
+    The noise comes from `seed`, since what a threshold cache skips depends on it; the policy's
+    generator is left as it was."""
+    state = policy.generator.get_state()
+    policy.generator.manual_seed(seed)
     policy.reset()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         policy.predict_action_chunk(obs)
     policy.reset()
+    policy.generator.set_state(state)
     return int(counter.get_total_flops())
