@@ -44,6 +44,20 @@ def zoom_floor(rows: list[dict]) -> float:
     return max(0.0, math.floor((min(lows) - 0.05) * 20) / 20)
 
 
+def point_labels(rows: list[dict], rel_latency: float = 0.05) -> list[tuple[float, float, str]]:
+    """(latency, success, text) per label; points with equal success within `rel_latency` of each other
+    share one label ("uncached / compile"), since two labels on one spot cannot both be read."""
+    labels: list[list] = []
+    for r in sorted(rows, key=lambda r: r["latency_ms_p50"]):
+        x, y = r["latency_ms_p50"], r["success_rate"]
+        near = next((lab for lab in labels if lab[1] == y and abs(x / lab[0] - 1) <= rel_latency), None)
+        if near:
+            near[2] += f" / {r['setting']}"
+        else:
+            labels.append([x, y, r["setting"]])
+    return [tuple(lab) for lab in labels]
+
+
 def plot_task(summary, task: str, out_dir) -> Path:
     import matplotlib
 
@@ -58,7 +72,6 @@ def plot_task(summary, task: str, out_dir) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(15, 7.5), gridspec_kw={"width_ratios": [1, 1.4]})
     line, floor = frontier(rows), zoom_floor(rows)
     for ax, zoomed in zip(axes, (False, True), strict=True):
-        texts = []
         if line:
             ax.plot([r["latency_ms_p50"] for r in line], [r["success_rate"] for r in line], "-", color="black",
                     alpha=0.6, label="step reduction (DDPM-100 / DDIM-K)", zorder=1)
@@ -73,8 +86,8 @@ def plot_task(summary, task: str, out_dir) -> Path:
             err = [[max(0.0, y - r["ci_low"])], [max(0.0, r["ci_high"] - y)]]
             ax.errorbar(r["latency_ms_p50"], y, yerr=err, fmt=marker, color=colour, ecolor=colour, alpha=0.8,
                         markerfacecolor=colour if filled else "white", capsize=2, label=label, zorder=2)
-            if (y >= floor) == zoomed:  # each point labelled in one panel
-                texts.append(ax.text(r["latency_ms_p50"], y, r["setting"], fontsize=6))
+        texts = [ax.text(x, y, text, fontsize=6) for x, y, text in point_labels(rows)
+                 if (y >= floor) == zoomed]  # each point labelled in one panel
         ax.set_xscale("log")
         ax.set_xlabel("chunk latency at batch 1, median (ms, log scale)")
         ax.set_ylim(*((floor, 1.0 + 0.04 * (1 - floor)) if zoomed else (-0.02, 1.04)))  # room for labels

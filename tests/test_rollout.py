@@ -327,6 +327,14 @@ def test_frontier_table_compares_each_caching_point_with_the_best_step_reduction
 
     assert zoom_floor(rows) == pytest.approx(0.15)  # the zoomed panel starts under ddim5's CI (0.22)
     assert zoom_floor([r for r in rows if r["method"] not in ("uncached", "ddim")]) == 0.0
+    from eval.report import point_labels
+
+    rows += [row("compile", "compile", 1030, 0.95, 0.89, 0.98), row("lossless", "lossless", 990, 0.96, 0.9, 0.99),
+             row("bac20", "bac", 1100, 0.95, 0.89, 0.98)]
+    labels = {text: (x, y) for x, y, text in point_labels(rows)}
+    assert labels["uncached / compile"] == (1000, 0.95)  # same success, 3% apart: one label
+    assert "lossless" in labels and "bac20" in labels  # other success / 10% slower: their own labels
+    assert len(labels) == len(rows) - 1
 
 
 def test_memory_check_reports_rss_over_the_loop(tmp_path):
