@@ -62,8 +62,8 @@ def time_methods(policy, methods: list, checkpoint, histories: list[np.ndarray],
                  warmup: int, progress: bool = True) -> tuple[dict, dict]:
     """Interleaved batch-1 timing: per method spec, chunk seconds (rounds x repeats) and FLOPs per chunk.
     `histories` are (1, n_obs_steps, obs_dim); every method sees the same histories and noise. FLOPs of a
-    threshold cache (FBC, MagCache) are the mean over all histories, history i with noise seed i; a schedule's
-    do not depend on the input."""
+    cache that decides from the data (a `batch_coupled` hook: First Block Cache) are the mean over all
+    histories, history i with noise seed i; schedules and MagCache's calibrated ratios do not see the input."""
     pc, native = policy.config, policy.config.sampler
     gen = torch.Generator().manual_seed(0)
     noises = [torch.randn(1, pc.horizon, pc.action_dim, generator=gen) for _ in histories]
@@ -75,7 +75,8 @@ def time_methods(policy, methods: list, checkpoint, histories: list[np.ndarray],
                 remover = apply_method(policy, m, checkpoint, native)
                 if r == 0:
                     time_chunks(policy, histories, noises, warmup)  # compile happens here
-                    counted = histories if m.input_dependent else histories[:1]
+                    data_driven = any(getattr(h, "batch_coupled", False) for h in policy.sampling_hooks)
+                    counted = histories if data_driven else histories[:1]
                     flops[m.spec] = float(np.mean([pa.chunk_flops(policy, h, seed=i) for i, h in enumerate(counted)]))
                 times[m.spec] += time_chunks(policy, histories, noises, repeats, r * repeats)
                 if remover:

@@ -68,11 +68,6 @@ class Method:
             return "compile" if self.family == "uncached" else f"compile+{self.family}"
         return self.family
 
-    @property
-    def input_dependent(self) -> bool:
-        """True when the blocks computed depend on the observation (threshold caches), not on a schedule."""
-        return self.family in ("diffusers_fbc", "diffusers_magcache")
-
 
 def parse_method(spec: str) -> Method:
     compiled = spec == "compile" or spec.startswith("compile+")

@@ -57,7 +57,7 @@ def cache_stats(policy) -> CacheStats:
 
 def chunk_flops(policy, obs: np.ndarray, seed: int = 0) -> int:
     """FLOPs of one `predict_action_chunk(obs)` as the policy is now (skipped blocks cost nothing).
-    The noise comes from `seed`, since what a threshold cache skips depends on it; the policy's
+    The noise comes from `seed`, since what a data-driven cache (First Block Cache) skips depends on it; the policy's
     generator is left as it was."""
     state = policy.generator.get_state()
     policy.generator.manual_seed(seed)
