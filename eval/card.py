@@ -41,12 +41,19 @@ def training_hours(log_path: Path) -> float:
 
 
 def _segment_lines(segments: list[dict]) -> list[str]:
-    """One line per stretch of a run that was extended (steps=) or switched precision."""
-    if len(segments) < 2:
+    """One line per stretch of a run that was extended (steps=) or switched precision, after a line for
+    the checkpoint it was warm-started from (init_from=), if any."""
+    init = [s for s in segments if "init_from" in s]
+    segments = [s for s in segments if "init_from" not in s]
+    lines = [f"  - warm-started from `{s['init_from']}` ({s['init_train_steps']} steps before): its EMA weights, "
+             "a fresh optimiser and LR schedule" for s in init]
+    if len(segments) < 2 and not init:
         return []
+    offset = init[0]["init_train_steps"] if init else 0
     ends = [s["from_step"] for s in segments[1:]] + [segments[-1]["steps"]]
-    return [f"  - steps {s['from_step']}-{end}: `steps={s['steps']} precision={s['precision']}` "
-            f"(LR schedule over {s['steps']} steps)" for s, end in zip(segments, ends, strict=True)]
+    return lines + [f"  - steps {offset + s['from_step']}-{offset + end}: `steps={s['steps']} "
+                    f"precision={s['precision']}` (LR schedule over {s['steps']} steps)"
+                    for s, end in zip(segments, ends, strict=True)]
 
 
 def render(cfg: CardConfig) -> str:

@@ -64,6 +64,9 @@ class TrainConfig:
     sampler: str = "ddpm"  # the native sampler written into the checkpoint
     sampler_steps: int = 100
     num_train_steps: int = 100
+    # warm start: a shipped checkpoint whose EMA weights initialise a new run (fresh optimiser and LR
+    # schedule); its training steps are added to this run's in the exported train_steps
+    init_from: str | None = None
     # denoiser architecture: fields of the model's config (DPTransformerConfig), e.g. n_layer, n_emb,
     # p_drop_attn; what is not given keeps that config's default. configs/train.yaml spells out the recipe.
     model: dict[str, Any] = field(default_factory=dict)
@@ -130,6 +133,25 @@ def _arch(policy_config: dict) -> dict:
     return {k: v for k, v in policy_config.items() if k != "info"}
 
 
+def _init_segment(policy: Policy, path: str, policy_config: PolicyConfig) -> dict:
+    """Load a shipped checkpoint's weights into `policy` (normalisers stay fitted on this dataset) and
+    return the segment that records where the run started."""
+    from policy_accel.policy import load_policy
+
+    source = load_policy(path, device="cpu")
+    if _arch(source.config.to_dict()) != _arch(policy_config.to_dict()):
+        raise ValueError(f"init_from={path}: its config.json describes another policy than this run\n"
+                         f" checkpoint: {_arch(source.config.to_dict())}\n run: {_arch(policy_config.to_dict())}")
+    for name in ("obs_normalizer", "action_normalizer"):
+        ours, theirs = getattr(policy, name).state_dict(), getattr(source, name).state_dict()
+        if any(not torch.allclose(ours[k], theirs[k], atol=1e-5) for k in ours):
+            raise ValueError(f"init_from={path}: its {name} differs from the one fitted on this dataset; "
+                             "the checkpoint was trained on other data")
+    policy.model.load_state_dict(source.model.state_dict())
+    steps = int(source.config.info.get("train_steps") or 0)
+    return {"from_step": 0, "steps": 0, "precision": "-", "init_from": str(path), "init_train_steps": steps}
+
+
 def _trim_log(path: Path, step: int) -> None:
     """Drop log lines written after the state we resume from (the run died between log and save)."""
     if path.exists():
@@ -167,6 +189,7 @@ def train(cfg: TrainConfig) -> Path:
 
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
                                  num_training_steps=cfg.steps)
+    init = _init_segment(policy, cfg.init_from, policy_config) if state is None and cfg.init_from else None
     ema = _ema(policy, cfg)
     step = 0
     if state is not None:
@@ -180,12 +203,13 @@ def train(cfg: TrainConfig) -> Path:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         _trim_log(out / LOG_FILE, step)
     # what each stretch of the run was trained with (a larger steps= or another precision starts one)
-    segments = state.get("segments", []) if state is not None else []
+    segments = state.get("segments", []) if state is not None else ([init] if init else [])
     if not segments or (segments[-1]["steps"], segments[-1]["precision"]) != (cfg.steps, cfg.precision):
         segments.append({"from_step": step, "steps": cfg.steps, "precision": cfg.precision})
 
     def train_info():
-        return {"train_steps": step, "train_segments": segments}
+        before = segments[0].get("init_train_steps", 0) if segments else 0
+        return {"train_steps": before + step, "train_segments": segments}
 
     def save():
         rng = {"rng": torch.get_rng_state()}

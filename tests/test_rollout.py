@@ -153,6 +153,11 @@ def test_rollout_end_to_end_on_push2d_writes_summary(tmp_path):
                                 {"from_step": 100, "steps": 200, "precision": "bf16"}]) == [
         "  - steps 0-100: `steps=100 precision=fp32` (LR schedule over 100 steps)",
         "  - steps 100-200: `steps=200 precision=bf16` (LR schedule over 200 steps)"]
+    warm = [{"from_step": 0, "steps": 0, "precision": "-", "init_from": "ck", "init_train_steps": 50},
+            {"from_step": 0, "steps": 30, "precision": "bf16"}]
+    assert card._segment_lines(warm) == [
+        "  - warm-started from `ck` (50 steps before): its EMA weights, a fresh optimiser and LR schedule",
+        "  - steps 50-80: `steps=30 precision=bf16` (LR schedule over 30 steps)"]
 
 
 def test_rollout_rejects_bad_config(tmp_path):

@@ -139,6 +139,28 @@ def test_raising_steps_extends_a_finished_run_on_the_longer_schedule(dataset_pat
         {"from_step": 0, "steps": 4, "precision": "fp32"}, {"from_step": 4, "steps": 8, "precision": "fp32"}]
 
 
+def test_init_from_warm_starts_from_a_shipped_checkpoint(dataset_path, tmp_path):
+    shipped = train(tiny(dataset_path, tmp_path / "first", export_dir=str(tmp_path / "ship")))
+    start = pa.load_policy(shipped)
+    cfg = tiny(dataset_path, tmp_path / "second", steps=1, init_from=str(shipped), warmup_steps=0, lr=0.0)
+    after = pa.load_policy(train(cfg))  # lr 0: the weights stay exactly the shipped EMA weights
+    for a, b in zip(start.model.parameters(), after.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    fresh = pa.load_policy(train(tiny(dataset_path, tmp_path / "cold", steps=1, lr=0.0, warmup_steps=0)))
+    assert any(not torch.equal(a, b) for a, b in zip(start.model.parameters(), fresh.model.parameters(), strict=True))
+    info = after.config.info
+    assert info["train_steps"] == 8 + 1
+    assert info["train_segments"][0] == {"from_step": 0, "steps": 0, "precision": "-",
+                                         "init_from": str(shipped), "init_train_steps": 8}
+    with pytest.raises(ValueError, match="init_from=.*another policy"):
+        train(tiny(dataset_path, tmp_path / "other", init_from=str(shipped), model=dict(n_layer=2, n_head=2, n_emb=16)))
+    buffer = ReplayBuffer.load(dataset_path)
+    other = write_zarr(tmp_path / "other.zarr", np.asarray(buffer.obs) * 2, np.asarray(buffer.action),
+                       np.cumsum([30, 25, 40, 20]).astype(np.int64), {"env": "toy"})
+    with pytest.raises(ValueError, match="obs_normalizer differs"):
+        train(tiny(other, tmp_path / "otherdata", init_from=str(shipped)))
+
+
 def test_bf16_precision_trains_under_autocast(dataset_path, tmp_path):
     train(tiny(dataset_path, tmp_path / "fp32"))
     train(tiny(dataset_path, tmp_path / "bf16", precision="bf16"))
