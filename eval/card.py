@@ -40,6 +40,12 @@ def training_hours(log_path: Path) -> float:
     return seconds / 3600
 
 
+def _run_scope(info: dict) -> str:
+    """After a warm start the run's log covers only the steps after the checkpoint it started from."""
+    init = [s for s in info.get("train_segments") or [] if "init_from" in s]
+    return f" for the last {info['train_steps'] - init[0]['init_train_steps']} of them" if init else ""
+
+
 def _segment_lines(segments: list[dict]) -> list[str]:
     """One line per stretch of a run that was extended (steps=) or switched precision, after a line for
     the checkpoint it was warm-started from (init_from=), if any."""
@@ -82,7 +88,7 @@ def render(cfg: CardConfig) -> str:
         "",
         "## Training",
         f"- `python -m policy_accel.train env={info['env']}` (configs/train.yaml): {info.get('train_steps')} steps, "
-        f"{training_hours(Path(cfg.run_dir) / 'log.jsonl'):.1f} h of compute on this 2-core CPU "
+        f"{training_hours(Path(cfg.run_dir) / 'log.jsonl'):.1f} h of compute{_run_scope(info)} on this 2-core CPU "
         "(1-2 threads, at times sharing the machine with other jobs; includes steps redone after restarts).",
         *_segment_lines(info.get("train_segments") or []),
         "",

@@ -158,6 +158,8 @@ def test_rollout_end_to_end_on_push2d_writes_summary(tmp_path):
     assert card._segment_lines(warm) == [
         "  - warm-started from `ck` (50 steps before): its EMA weights, a fresh optimiser and LR schedule",
         "  - steps 50-80: `steps=30 precision=bf16` (LR schedule over 30 steps)"]
+    assert card._run_scope({"train_steps": 80, "train_segments": warm}) == " for the last 30 of them"
+    assert card._run_scope({"train_steps": 80, "train_segments": warm[1:]}) == ""
 
 
 def test_rollout_rejects_bad_config(tmp_path):
