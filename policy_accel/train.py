@@ -10,6 +10,8 @@ EMA of the weights (power 0.75). Everything goes to `out_dir`:
     log.jsonl          one line per `log_every` steps: step, loss, lr, sec_per_step
     checkpoint/        shippable policy (config.json + model.safetensors, EMA weights), every save
 At the end the checkpoint is also written to `export_dir` (e.g. checkpoints/lift_dp_t).
+`init_from=checkpoints/can_dp_t` starts a new run from a shipped checkpoint's EMA weights (same
+architecture and normalisers, else an error); its steps count toward the exported train_steps.
 
 Options are `key=value` overrides of configs/train.yaml (OmegaConf dotlist syntax). Not a hydra
 main: `env=...` would select from the configs/env/ group, and policy_accel does not import hydra.
