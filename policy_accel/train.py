@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from policy_accel.cli import load_config
 from policy_accel.data import ReplayBuffer, SequenceDataset
-from policy_accel.policy import Policy, PolicyConfig
+from policy_accel.policy import Policy, PolicyConfig, load_policy
 from policy_accel.sampling import SamplerConfig
 
 STATE_FILE, LOG_FILE, CHECKPOINT_DIR = "last.pt", "log.jsonl", "checkpoint"
@@ -138,8 +138,6 @@ def _arch(policy_config: dict) -> dict:
 def _init_segment(policy: Policy, path: str, policy_config: PolicyConfig) -> dict:
     """Load a shipped checkpoint's weights into `policy` (normalisers stay fitted on this dataset) and
     return the segment that records where the run started."""
-    from policy_accel.policy import load_policy
-
     source = load_policy(path, device="cpu")
     if _arch(source.config.to_dict()) != _arch(policy_config.to_dict()):
         raise ValueError(f"init_from={path}: its config.json describes another policy than this run\n"
