@@ -36,7 +36,8 @@ from policy_accel.cli import load_config, write_json  # noqa: E402
 @dataclass
 class RolloutConfig:
     checkpoint: str = "checkpoints/lift_dp_t"
-    methods: list[str] = field(default_factory=lambda: ["uncached", "ddim10", "bac10nb", "bac_taylor5o1f@ddim20"])
+    methods: list[str] = field(default_factory=lambda: [
+        "uncached", "ddim2", "ddim10", "uniform5@ddim10", "bac10nb", "bac_taylor5o1f@ddim20"])
     episodes: int = 20
     seed: int = 100000  # first test seed
     num_envs: int = 20  # envs stepped in lockstep (batched inference)
