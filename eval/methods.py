@@ -11,7 +11,8 @@
     diffusers_taylorseer4o1  diffusers' own TaylorSeer hook (warm-up 3), for comparison
     diffusers_fbc0.05        diffusers' First Block Cache on whole layers, threshold 0.05 (dynamic)
     diffusers_magcache0.06   diffusers' MagCache on the layer stack, threshold 0.06 (calibrated ratios),
-                             at most 3 skips in a row; diffusers_magcache0.2k9: at most 9
+                             at most 3 skips in a row; diffusers_magcache0.2k9: at most 9;
+                             diffusers_magcache0.3k9r0.05: never skips in the first 5% of steps (default 20%)
     every_step               hooks on every block, all compute (measures the hook overhead)
     <any>@ddim20             the same on top of DDIM-20
     compile / compile+ddim10 torch.compile of the whole denoiser (one graph), native sampler / DDIM-10
@@ -21,6 +22,7 @@ BAC settings read `checkpoints/<name>/schedules/<schedule_name(...)>.json` and M
 `.../schedules/magcache_<sampler><steps>.json`, both made by `python -m policy_accel.cache.calibrate`.
 """
 
+import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +49,7 @@ _PATTERNS = {
     "bac_taylor": r"bac_taylor(?P<budget>\d+)o(?P<order>\d+)(?P<nb>nb)?(?P<f>f)?",
     "diffusers_taylorseer": r"diffusers_taylorseer(?P<interval>\d+)o(?P<order>\d+)",
     "diffusers_fbc": r"diffusers_fbc(?P<threshold>\d+\.\d+)",
-    "diffusers_magcache": r"diffusers_magcache(?P<threshold>\d+\.\d+)(k(?P<max_skip>\d+))?",
+    "diffusers_magcache": r"diffusers_magcache(?P<threshold>\d+\.\d+)(k(?P<max_skip>\d+))?(r(?P<retention>\d+\.\d+))?",
 }
 BUBBLE_BLOCKS = 5
 DIFFUSERS_WARMUP = 3
@@ -86,8 +88,8 @@ def parse_method(spec: str) -> Method:
                 raise ValueError(f"method {spec!r}: '@ddim' combines with cache methods only")
             if compiled and family.startswith("diffusers"):
                 raise ValueError(f"method {spec!r}: compile combines with our methods only")
-            params = {k: (v is not None if k in ("nb", "f") else float(v) if k == "threshold" else int(v))
-                      for k, v in m.groupdict().items() if v is not None or k in ("nb", "f")}
+            params = {k: (v is not None if k in ("nb", "f") else float(v) if k in ("threshold", "retention")
+                          else int(v)) for k, v in m.groupdict().items() if v is not None or k in ("nb", "f")}
             if params.get("f") and params["order"] != 1:
                 raise ValueError(f"method {spec!r}: 'f' (schedule calibrated against the order-1 forecast) "
                                  f"needs order 1")
@@ -113,6 +115,13 @@ def schedule_path(method: Method, checkpoint_dir: str | Path, native: SamplerCon
     forecast_order = 1 if method.params.get("f") else 0
     name = schedule_name(method.params["budget"], bubble, sampler.kind, sampler.num_steps, forecast_order)
     return Path(checkpoint_dir) / "schedules" / f"{name}.json"
+
+
+def schedule_digest(method: Method, checkpoint_dir: str | Path, native: SamplerConfig) -> str | None:
+    """sha256 of the schedule (or MagCache ratios) file a method reads; None for methods without one.
+    Results made with another file of the same name must not be merged with new ones."""
+    path = schedule_path(method, checkpoint_dir, native)
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path is not None and path.is_file() else None
 
 
 def calibrate_command(method: Method, checkpoint_dir: str | Path, native: SamplerConfig) -> str:
@@ -147,7 +156,8 @@ def apply_method(policy, method: Method, checkpoint_dir: str | Path, native: Sam
         raise FileNotFoundError(f"method {method.spec!r} needs {path}; make it with: "
                                 f"{calibrate_command(method, checkpoint_dir, native)}")
     if fam == "diffusers_magcache":
-        return apply_diffusers_mag_cache(policy, MagRatios.load(path), p["threshold"], p.get("max_skip", 3))
+        return apply_diffusers_mag_cache(policy, MagRatios.load(path), p["threshold"], p.get("max_skip", 3),
+                                         p.get("retention", 0.2))
     if fam == "every_step":  # every block computes every step through the hooks
         config = pa.LosslessConfig(lossless=False, compile=compile)
     elif fam == "lossless":

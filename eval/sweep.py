@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python eval/sweep.py` from the repo root
 
-from eval.methods import parse_method  # noqa: E402
+from eval.methods import parse_method, schedule_digest  # noqa: E402
 from policy_accel.cli import load_config, write_json  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,9 +76,11 @@ def success_task(checkpoint: str, spec: str, seeds: list[int], num_envs: int, re
     policy = pa.load_policy(checkpoint)
     venv = make_vector_env(policy.config.info["env_spec"], min(num_envs, len(seeds)))
     recorded: list[np.ndarray] = []
-    row = success_row(policy, venv, parse_method(spec), seeds, checkpoint, record=recorded if record else None)
+    method = parse_method(spec)
+    row = success_row(policy, venv, method, seeds, checkpoint, record=recorded if record else None)
     venv.close()
     row["host"] = platform.node()
+    row["schedule_sha256"] = schedule_digest(method, checkpoint, policy.config.sampler)
     return {"row": row, "histories": np.stack(recorded).tolist() if record else None}
 
 
@@ -92,8 +94,10 @@ def latency_task(checkpoint: str, specs: list[str], histories: list, rounds: int
     torch.set_num_threads(1)
     policy = pa.load_policy(checkpoint)
     hist = [np.asarray(h, np.float32)[None] for h in histories]
-    fields = latency_fields(policy, [parse_method(s) for s in specs], checkpoint, hist, rounds, repeats, warmup)
-    return {"specs": specs, "fields": fields, "machine": machine()}
+    methods = [parse_method(s) for s in specs]
+    fields = latency_fields(policy, methods, checkpoint, hist, rounds, repeats, warmup)
+    digests = {m.spec: schedule_digest(m, checkpoint, policy.config.sampler) for m in methods}
+    return {"specs": specs, "fields": fields, "machine": machine(), "schedule_sha256": digests}
 
 
 def _init_ray(cfg: SweepConfig):
@@ -138,6 +142,14 @@ def check_schedules(cfg: SweepConfig) -> None:
                          + "\n  ".join(sorted(set(missing.values()))))
 
 
+def current_digests(cfg: SweepConfig) -> dict[str, str | None]:
+    """Per method, the sha256 of the schedule file it reads now (None without one)."""
+    from policy_accel.policy import PolicyConfig
+
+    native = PolicyConfig.from_dict(json.loads((Path(cfg.checkpoint) / "config.json").read_text())).sampler
+    return {spec: schedule_digest(parse_method(spec), cfg.checkpoint, native) for spec in cfg.methods}
+
+
 def run_sweep(cfg: SweepConfig) -> list[dict]:
     from tqdm import tqdm
 
@@ -147,16 +159,23 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
     check_run_dir(cfg, run_dir)
     check_schedules(cfg)
     shards = shard_seeds(cfg)
-    todo = []
+    digests = current_digests(cfg)
+    todo, stale = [], []
     for spec in cfg.methods:
         for i, seeds in enumerate(shards):
             path = run_dir / "success" / f"{spec}__{seeds[0]}-{seeds[-1]}.json"
+            if path.exists() and json.loads(path.read_text()).get("schedule_sha256") != digests[spec]:
+                stale.append(path.name)  # made with another schedule file of the same name: redo
+                path.unlink()
             if not path.exists():
                 todo.append((spec, seeds, path, spec == cfg.methods[0] and i == 0))
+    if stale:
+        print(f"{policy_name}: {len(stale)} shard(s) were made with another schedule file; redoing them: "
+              + ", ".join(stale[:6]) + (" ..." if len(stale) > 6 else ""))
     hist_path = run_dir / "latency_histories.npy"
     lat_path = run_dir / "latency.json"
     lat = json.loads(lat_path.read_text()) if lat_path.exists() else None
-    need_latency = lat is None or lat["specs"] != list(cfg.methods)
+    need_latency = lat is None or lat["specs"] != list(cfg.methods) or lat.get("schedule_sha256") != digests
     if not todo and not need_latency:
         print(f"{policy_name}: every point is done; merging")
     else:

@@ -137,16 +137,30 @@ def test_forecast_acs_skips_steps_a_line_predicts_and_rejects_bad_input():
         forecast_acs_steps(feats @ feats.T, np.zeros(6), 2)
 
 
-def test_bubbling_union_matches_definition_on_hand_made_case():
+def test_bubbling_union_minimal_case_from_the_paper_rule():
+    # the chosen block gains the FFN's steps; the FFN's own set does not change
+    out = bubbling_union({"l0.sa": [0, 7], "l0.ff": [0, 3]}, {"l0.sa": 1.0, "l0.ff": 0.5}, {"l0.sa": 0, "l0.ff": 0},
+                         {"l0.ff"}, n_blocks=1)
+    assert out == {"l0.sa": [0, 3, 7], "l0.ff": [0, 3]}
+
+
+def test_bubbling_union_on_hand_made_three_layer_case():
     steps = {"l0.sa": [0, 3], "l0.ff": [0, 5], "l1.sa": [0, 2], "l1.ff": [0, 6], "l2.ff": [0, 7]}
     layer = {"l0.sa": 0, "l0.ff": 0, "l1.sa": 1, "l1.ff": 1, "l2.ff": 2}
     ffn = {"l0.ff", "l1.ff", "l2.ff"}
     vol = {"l0.sa": 0.1, "l0.ff": 0.2, "l1.sa": 0.9, "l1.ff": 0.3, "l2.ff": 0.05}
-    out = bubbling_union(steps, vol, layer, ffn, n_blocks=1)  # only l1.sa (most volatile) bubbles
-    assert out == {"l0.sa": [0, 3], "l0.ff": [0, 5], "l1.sa": [0, 2], "l1.ff": [0, 2, 6], "l2.ff": [0, 2, 7]}
-    out2 = bubbling_union(steps, vol, layer, ffn, n_blocks=2)  # then l1.ff bubbles to l2.ff too
-    assert out2["l2.ff"] == [0, 2, 6, 7] and out2["l0.ff"] == [0, 5]
+    # n=1: l1.sa (layer 1) gains the steps of l1.ff {0,6} and l2.ff {0,7}; nothing else changes
+    assert bubbling_union(steps, vol, layer, ffn, n_blocks=1) == {
+        "l0.sa": [0, 3], "l0.ff": [0, 5], "l1.sa": [0, 2, 6, 7], "l1.ff": [0, 6], "l2.ff": [0, 7]}
+    # n=2: l1.ff (layer 1) also gains l2.ff's {0,7}; l0.ff is below layer 1 and gives nothing
+    assert bubbling_union(steps, vol, layer, ffn, n_blocks=2) == {
+        "l0.sa": [0, 3], "l0.ff": [0, 5], "l1.sa": [0, 2, 6, 7], "l1.ff": [0, 6, 7], "l2.ff": [0, 7]}
+    # n=3: l0.ff (layer 0) gains every FFN's steps; l0.sa (least but one volatile) is not chosen
+    assert bubbling_union(steps, vol, layer, ffn, n_blocks=3) == {
+        "l0.sa": [0, 3], "l0.ff": [0, 5, 6, 7], "l1.sa": [0, 2, 6, 7], "l1.ff": [0, 6, 7], "l2.ff": [0, 7]}
     assert bubbling_union(steps, vol, layer, ffn, n_blocks=0) == steps
+    with pytest.raises(ValueError, match="bubble_blocks"):
+        bubbling_union(steps, vol, layer, ffn, n_blocks=-1)
 
 
 def test_uniform_steps():

@@ -310,6 +310,22 @@ def test_sweep_end_to_end_on_ray_is_resumable_and_writes_schema(tmp_path, capsys
     assert sorted(settings) == ["ddim5", "taylorseer4o1", "uncached", "uniform4"]
     with pytest.raises(SystemExit, match="budget=7 bubble_blocks=0 sampler=ddim steps=5"):
         sweep.main(args + ["methods=[uncached,bac7nb@ddim5]"])
+
+    # shards made with another schedule file of the same name are redone, never merged with new ones
+    rng = np.random.default_rng(0)
+    data = write_zarr(tmp_path / "d.zarr", rng.uniform(-1, 1, (60, 6)).astype(np.float32),
+                      rng.uniform(-1, 1, (60, 2)).astype(np.float32), np.array([30, 60]), {"env": "push2d"})
+    calibrate = [f"checkpoint={ckpt}", f"dataset={data}", "budget=3", "bubble_blocks=0", "num_threads=1"]
+    calibrate_cli(calibrate + ["observations=4"])
+    sweep.main(args + ["methods=[uncached,bac3nb]", "plot=false"])
+    run_dir = tmp_path / "results" / "runs" / "push2d_tiny" / "success"
+    stamps = {p: p.stat().st_mtime_ns for p in run_dir.glob("*.json")}
+    calibrate_cli(calibrate + ["observations=6"])  # same file name, other contents
+    capsys.readouterr()
+    sweep.main(args + ["methods=[uncached,bac3nb]", "plot=false"])
+    assert "2 shard(s) were made with another schedule file" in capsys.readouterr().out
+    for p, t in stamps.items():
+        assert (p.stat().st_mtime_ns == t) == (not p.name.startswith("bac3nb")), p.name
     assert "| push2d | uncached |" in report.headline_table([json.loads(x) for x in summary.read_text().splitlines()])
 
 

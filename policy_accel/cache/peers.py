@@ -210,6 +210,8 @@ def apply_diffusers_mag_cache(policy, ratios: MagRatios, threshold: float = 0.06
     """diffusers' MagCache on the policy's whole layers with calibrated `ratios`; `.remove()` takes it off."""
     if not threshold >= 0:
         raise ValueError(f"threshold must be >= 0, got {threshold}")
+    if not 0 <= retention_ratio < 1:
+        raise ValueError(f"retention_ratio must be in [0, 1), got {retention_ratio}")
     _check_free(policy)
     ratios.check_compatible(policy)
     config = MagCacheConfig(threshold=threshold, max_skip_steps=max_skip_steps, retention_ratio=retention_ratio,

@@ -126,15 +126,23 @@ def bubbling_union(
     ffn_blocks: set[str],
     n_blocks: int,
 ) -> dict[str, list[int]]:
-    """Rank blocks by volatility; for each of the top `n_blocks` (at layer L), add its update steps to
-    every FFN block at layer >= L, so no FFN recomputes on an input made stale upstream."""
+    """BAC's Bubbling Union. Rank blocks by volatility; each of the top `n_blocks` (at layer L) gains
+    the update steps of every FFN block at layer >= L (its own layer's FFN included). The FFNs' sets
+    do not change. So whenever a downstream FFN recomputes, the volatile block upstream of it is
+    fresh, and no FFN recomputes on an input made stale by that block.
+
+    Example: {l0.sa: [0, 7], l0.ff: [0, 3]} with l0.sa chosen -> {l0.sa: [0, 3, 7], l0.ff: [0, 3]}.
+    """
     if n_blocks < 0:
         raise ValueError(f"bubble_blocks must be >= 0, got {n_blocks}")
+    unknown = (set(volatility) | set(ffn_blocks)) - set(steps)
+    if unknown:
+        raise ValueError(f"blocks without steps: {sorted(unknown)[:4]}")
     out = {name: set(s) for name, s in steps.items()}
     for name in sorted(volatility, key=lambda b: -volatility[b])[:n_blocks]:
         for ffn in ffn_blocks:
             if layer_of[ffn] >= layer_of[name]:
-                out[ffn] |= set(steps[name])
+                out[name] |= set(steps[ffn])  # the FFNs' own (pre-union) steps
     return {name: sorted(s) for name, s in out.items()}
 
 
