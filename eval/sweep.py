@@ -44,6 +44,7 @@ class SweepConfig:
     ray_address: str | None = None  # None: start Ray locally; "auto" or "ray://host:port": join a cluster
     num_cpus: int | None = None  # local Ray only; default all cores
     plot: bool = True
+    latency: bool = True  # false: run the missing success shards only (no timing, no merge), e.g. beside other work
     out: str | None = None  # also write this run's rows as a rollout-style JSON (what eval/card.py reads)
 
     def __post_init__(self):
@@ -175,7 +176,8 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
     hist_path = run_dir / "latency_histories.npy"
     lat_path = run_dir / "latency.json"
     lat = json.loads(lat_path.read_text()) if lat_path.exists() else None
-    need_latency = lat is None or lat["specs"] != list(cfg.methods) or lat.get("schedule_sha256") != digests
+    need_latency = cfg.latency and (lat is None or lat["specs"] != list(cfg.methods)
+                                    or lat.get("schedule_sha256") != digests)
     if not todo and not need_latency:
         print(f"{policy_name}: every point is done; merging")
     else:
@@ -205,6 +207,9 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
             lat = ray.get(ref)
             lat_path.write_text(json.dumps(lat, indent=1) + "\n")
         ray.shutdown()
+    if not cfg.latency:
+        print(f"{policy_name}: success shards done; latency=false, so no timing and no merge")
+        return []
     return merge(cfg, run_dir, shards, lat)
 
 
@@ -236,6 +241,8 @@ def merge(cfg: SweepConfig, run_dir: Path, shards: list[list[int]], lat: dict) -
 def main(argv: list[str] | None = None) -> list[dict]:
     cfg = load_config(SweepConfig, sys.argv[1:] if argv is None else argv, "sweep.yaml")
     rows = run_sweep(cfg)
+    if not rows:
+        return rows
     from eval.rollout import format_table
 
     print(format_table(rows))
