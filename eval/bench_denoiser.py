@@ -23,15 +23,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python eval/ben
 
 import policy_accel as pa  # noqa: E402
 from eval.methods import apply_method, parse_method  # noqa: E402
-from policy_accel.cache.calibration import demo_observations  # noqa: E402
-from policy_accel.cli import load_config, write_json  # noqa: E402
+from policy_accel.calibration import demo_observations  # noqa: E402
+from policy_accel.cli import load_config  # noqa: E402
+from policy_accel.jsonfile import write_json  # noqa: E402
 
 
 @dataclass
 class BenchConfig:
     checkpoint: str = "checkpoints/lift_dp_t"
     methods: list[str] = field(default_factory=lambda: [
-        "uncached", "every_step", "lossless", "ddim10", "uniform10", "taylorseer10o2", "bac10", "bac_taylor10o2"])
+        "uncached", "every_step", "ddim10", "uniform10", "taylorseer10o2", "bac10", "bac_taylor10o2"])
     observations: int = 8  # distinct observation histories, cycled
     rounds: int = 5
     repeats: int = 4  # chunks per method per round
@@ -64,7 +65,7 @@ def time_methods(policy, methods: list, checkpoint, histories: list[np.ndarray],
     `histories` are (1, n_obs_steps, obs_dim); every method sees the same histories and noise. FLOPs of a
     cache that decides from the data (a `batch_coupled` hook: First Block Cache) are the mean over all
     histories, history i with noise seed i; schedules and MagCache's calibrated ratios do not see the input."""
-    pc, native = policy.config, policy.config.sampler
+    pc = policy.config
     gen = torch.Generator().manual_seed(0)
     noises = [torch.randn(1, pc.horizon, pc.action_dim, generator=gen) for _ in histories]
     times: dict[str, list[float]] = {m.spec: [] for m in methods}
@@ -72,10 +73,10 @@ def time_methods(policy, methods: list, checkpoint, histories: list[np.ndarray],
     with tqdm(total=rounds * len(methods), desc="latency", unit="method", disable=not progress) as bar:
         for r in range(rounds):
             for m in methods:
-                remover = apply_method(policy, m, checkpoint, native)
+                remover = apply_method(policy, m, checkpoint)
                 if r == 0:
                     time_chunks(policy, histories, noises, warmup)  # compile happens here
-                    data_driven = any(getattr(h, "batch_coupled", False) for h in policy.sampling_hooks)
+                    data_driven = policy.cache is not None and policy.cache.batch_coupled
                     counted = histories if data_driven else histories[:1]
                     flops[m.spec] = float(np.mean([pa.chunk_flops(policy, h, seed=i) for i, h in enumerate(counted)]))
                 times[m.spec] += time_chunks(policy, histories, noises, repeats, r * repeats)

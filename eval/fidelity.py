@@ -30,8 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python eval/fid
 import policy_accel as pa  # noqa: E402
 from eval.methods import Method, apply_method, parse_method  # noqa: E402
 from eval.report import FAMILY_STYLE  # noqa: E402
-from policy_accel.cache.calibration import demo_observations  # noqa: E402
-from policy_accel.cli import load_config, write_json  # noqa: E402
+from policy_accel.calibration import demo_observations  # noqa: E402
+from policy_accel.cli import load_config  # noqa: E402
+from policy_accel.jsonfile import write_json  # noqa: E402
 
 
 @dataclass
@@ -70,7 +71,7 @@ def action_error(actions: np.ndarray, reference: np.ndarray) -> dict:
 def run_method(policy, method: Method, checkpoint: str, history: np.ndarray, noise: torch.Tensor,
                seed: int) -> tuple[np.ndarray, float]:
     """Actions (B, Ta, Da) for the whole batch and FLOPs per chunk at batch 1."""
-    remover = apply_method(policy, method, checkpoint, policy.config.sampler)
+    remover = apply_method(policy, method, checkpoint)
     try:
         flops = pa.chunk_flops(policy, history[:1])
         policy.seed(seed)  # same per-step DDPM noise for every method

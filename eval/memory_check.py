@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = load_config(MemoryConfig, sys.argv[1:] if argv is None else argv, None)
     torch.set_num_threads(cfg.num_threads)
     policy = pa.load_policy(cfg.checkpoint)
-    apply_method(policy, parse_method(cfg.method), cfg.checkpoint, policy.config.sampler)
+    apply_method(policy, parse_method(cfg.method), cfg.checkpoint)
     env = envs.make_env_from_spec(policy.config.info["env_spec"])
     starts = [env.reset(seed=100000 + i)[0] for i in range(4)]
     env.close()

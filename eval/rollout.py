@@ -30,7 +30,8 @@ import envs  # noqa: E402
 import policy_accel as pa  # noqa: E402
 from eval.bench_denoiser import time_methods  # noqa: E402
 from eval.methods import apply_method, parse_method  # noqa: E402
-from policy_accel.cli import load_config, write_json  # noqa: E402
+from policy_accel.cli import load_config  # noqa: E402
+from policy_accel.jsonfile import write_json  # noqa: E402
 
 
 @dataclass
@@ -141,7 +142,7 @@ def machine() -> dict:
 def success_row(policy, venv, method, seeds: list[int], checkpoint, progress: bool = False,
                 record: list | None = None) -> dict:
     """Apply `method`, run `seeds`, take the method off; the result row's success fields."""
-    remover = apply_method(policy, method, checkpoint, policy.config.sampler)
+    remover = apply_method(policy, method, checkpoint)
     start = time.perf_counter()
     try:
         wins = run_success(policy, venv, seeds, method.spec, progress, record)

@@ -24,7 +24,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python eval/sweep.py` from the repo root
 
 from eval.methods import parse_method, schedule_digest  # noqa: E402
-from policy_accel.cli import load_config, write_json  # noqa: E402
+from policy_accel.cli import load_config  # noqa: E402
+from policy_accel.jsonfile import write_json  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -129,15 +130,14 @@ def check_run_dir(cfg: SweepConfig, run_dir: Path) -> None:
 
 def check_schedules(cfg: SweepConfig) -> None:
     """Fail before any work when a BAC setting has no calibrated schedule; say how to make them."""
-    from eval.methods import calibrate_command, schedule_path
     from policy_accel.policy import PolicyConfig
 
     native = PolicyConfig.from_dict(json.loads((Path(cfg.checkpoint) / "config.json").read_text())).sampler
     missing = {}
     for m in map(parse_method, cfg.methods):
-        path = schedule_path(m, cfg.checkpoint, native)
+        path = m.file(cfg.checkpoint, native)
         if path is not None and not path.is_file():
-            missing[path] = calibrate_command(m, cfg.checkpoint, native)
+            missing[path] = m.calibrate_command(cfg.checkpoint, native)
     if missing:
         raise SystemExit(f"{len(missing)} schedule(s) missing for this sweep; make them with:\n  "
                          + "\n  ".join(sorted(set(missing.values()))))

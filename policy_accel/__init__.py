@@ -1,27 +1,40 @@
 """policy_accel: faster transformer diffusion/flow robot policies through block-wise caching."""
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
 
+try:
+    __version__ = version("policy_accel")
+except PackageNotFoundError:  # run from a source tree that is not installed
+    __version__ = "0.0.0+local"
+
+from policy_accel.acceleration import accelerate, cache_stats, chunk_flops, remove_acceleration  # noqa: E402
 from policy_accel.cache import (  # noqa: E402
     BACConfig,
     BACTaylorConfig,
-    LosslessConfig,
+    Binding,
+    DiffusersFBCConfig,
+    DiffusersMagCacheConfig,
+    DiffusersTaylorSeerConfig,
+    EveryStepConfig,
     Schedule,
     TaylorSeerConfig,
     UniformConfig,
-    accelerate,
-    cache_stats,
-    calibrate,
-    chunk_flops,
+    attach,
+    config_from_dict,
+    config_to_dict,
     find_blocks,
-    remove_acceleration,
 )
+from policy_accel.calibration import calibrate  # noqa: E402
+from policy_accel.clock import StepClock  # noqa: E402
+from policy_accel.denoiser import Context, Denoiser  # noqa: E402
 from policy_accel.models import ConditionCache, DPTransformer, DPTransformerConfig  # noqa: E402
 from policy_accel.policy import Policy, PolicyConfig, load_policy  # noqa: E402
-from policy_accel.sampling import SamplerConfig, sample  # noqa: E402
+from policy_accel.sampling import Guidance, SamplerConfig, sample  # noqa: E402
 
 __all__ = [
-    "BACConfig", "BACTaylorConfig", "ConditionCache", "DPTransformer", "DPTransformerConfig", "LosslessConfig",
-    "Policy", "PolicyConfig", "SamplerConfig", "Schedule", "TaylorSeerConfig", "UniformConfig", "accelerate",
-    "cache_stats", "calibrate", "chunk_flops", "find_blocks", "load_policy", "remove_acceleration", "sample",
+    "BACConfig", "BACTaylorConfig", "Binding", "ConditionCache", "Context", "DPTransformer", "DPTransformerConfig",
+    "Denoiser", "DiffusersFBCConfig", "DiffusersMagCacheConfig", "DiffusersTaylorSeerConfig", "EveryStepConfig",
+    "Guidance", "Policy", "PolicyConfig", "SamplerConfig", "Schedule", "StepClock", "TaylorSeerConfig",
+    "UniformConfig", "accelerate", "attach", "cache_stats", "calibrate", "chunk_flops", "config_from_dict",
+    "config_to_dict", "find_blocks", "load_policy", "remove_acceleration", "sample",
 ]

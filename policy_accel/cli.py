@@ -4,7 +4,6 @@
 """
 
 import dataclasses
-import json
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -28,22 +27,3 @@ def load_config(schema, argv: list[str], yaml_name: str | None = None):
         raise SystemExit(f"bad option: {str(e).splitlines()[0]}; keys: {keys}") from None
     except ValueError as e:  # a schema's __post_init__ check
         raise SystemExit(f"bad option: {e}") from None
-
-
-def read_json(path, what: str) -> dict:
-    """A JSON file's content; a missing file or bad JSON is an error naming `what` and the path."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} file not found: {path}")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{what} file {path} is not valid JSON: {e}") from e
-
-
-def write_json(path, data) -> Path:
-    """Write `data` as indented JSON, creating the folder; returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=1) + "\n")
-    return path

@@ -10,11 +10,11 @@ The history holds the last n_obs_steps observations (right after reset() the fir
 repetition). A predicted chunk spans `horizon` steps starting at the oldest observation in the
 history; the n_action_steps executed ones start at index n_obs_steps - 1 (the current step).
 
-For the cache engine: `model` (the denoiser), `sampler` (its SamplerConfig), `checkpoint_hash`,
-`precompute_condition` (per-chunk condition K/V, exact) and `sampling_hooks`: objects with
-begin_chunk(batch_size, timesteps), begin_step(step_index, t) and reset(), called with Python values.
-A hook with `batch_coupled = True` takes decisions over the whole batch (e.g. skip if the batch's
-mean change is small); then each row is sampled on its own, as a batch-1 deployment would.
+Per chunk: `ctx = model.prepare(cond, timesteps)` (the Denoiser seam, policy_accel/denoiser.py),
+then `sample(model, ctx, noise, sampler, clock=self.clock)`. A cache attaches to `model` and
+listens to `clock` (`pa.accelerate(policy, config)` sets `policy.cache`). A cache whose decisions
+are taken over the whole batch (`batch_coupled`, e.g. skip if the batch's mean change is small)
+makes each row be sampled on its own, as a batch-1 deployment would.
 """
 
 import dataclasses
@@ -31,7 +31,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from policy_accel.models.dp_transformer import ConditionCache, DPTransformer, DPTransformerConfig
+from policy_accel.cache.schedule import Binding
+from policy_accel.clock import StepClock
+from policy_accel.models.dp_transformer import DPTransformer, DPTransformerConfig
 from policy_accel.normalizer import MinMaxNormalizer
 from policy_accel.sampling import SamplerConfig, build_sampler, ddpm_scheduler, sample
 
@@ -89,7 +91,7 @@ class PolicyConfig:
 
 
 class Policy(nn.Module):
-    def __init__(self, config: PolicyConfig, seed: int = 0, precompute_condition: bool = False):
+    def __init__(self, config: PolicyConfig, seed: int = 0):
         super().__init__()
         self.config = config
         model_cls, _ = MODEL_TYPES[config.model_type]
@@ -97,10 +99,10 @@ class Policy(nn.Module):
         self.obs_normalizer = MinMaxNormalizer(config.obs_dim)
         self.action_normalizer = MinMaxNormalizer(config.action_dim)
         self.noise_scheduler = ddpm_scheduler(config.sampler.num_train_steps)  # training noise (add_noise)
-        # per-chunk condition K/V (exact, fewer FLOPs); off = the plain reference computation
-        self.precompute_condition = precompute_condition
-        self.sampling_hooks: list = []
-        self.acceleration = None  # set by pa.accelerate
+        self.clock = StepClock()  # driven by the sampling loop; caches listen to it
+        self.cache = None  # the handle pa.accelerate attached
+        self.recipe = None  # what pa.accelerate(policy, "<method string>") changed (sampler, compile)
+        self.path: Path | None = None  # the checkpoint folder it was loaded from (load_policy)
         self.compiled_model = None  # set by compile()
         self.set_sampler(config.sampler)
         self.seed(seed)
@@ -110,13 +112,11 @@ class Policy(nn.Module):
 
     # ---------------------------------------------------------------- configuration
     def set_sampler(self, sampler: SamplerConfig) -> None:
-        """Switch the sampler (e.g. DDPM-100 -> DDIM-10) of an epsilon model, at eval time."""
+        """Switch the sampler (e.g. DDPM-100 -> DDIM-10) at eval time; it must fit what the model predicts."""
         if not isinstance(sampler, SamplerConfig):
             raise TypeError(f"set_sampler takes a SamplerConfig, got {type(sampler).__name__}")
         native = self.config.sampler
-        if sampler.prediction != native.prediction:
-            raise ValueError(f"sampler {sampler.kind!r} needs a {sampler.prediction} model; this policy predicts "
-                             f"{native.prediction} (native sampler {native.kind!r})")
+        sampler.check_fits(self.model.prediction)
         if sampler.num_train_steps != native.num_train_steps:
             raise ValueError(f"sampler num_train_steps={sampler.num_train_steps} but the model was trained with "
                              f"{native.num_train_steps}")
@@ -127,7 +127,7 @@ class Policy(nn.Module):
         """torch.compile the whole denoiser for sampling (one graph: t goes in as a tensor).
         With acceleration, use the method config's `compile=True` instead, which compiles each
         block's computation and leaves the cache logic in Python."""
-        if enabled and self.acceleration is not None:
+        if enabled and self.cache is not None:
             raise RuntimeError("the policy is accelerated: compile through the method config (compile=True)")
         self.compiled_model = torch.compile(self.model, **compile_kwargs) if enabled else None
 
@@ -135,6 +135,10 @@ class Policy(nn.Module):
         """Reseed the noise generator (on the policy's device): same seed -> same actions."""
         self._seed = int(seed)
         self.generator = torch.Generator(device=self.device).manual_seed(self._seed)
+
+    def binding(self) -> Binding:
+        """What a cache attached now is for: these weights and the current sampler."""
+        return Binding(self.checkpoint_hash, self.sampler.kind, self.sampler.num_steps)
 
     @property
     def device(self) -> torch.device:
@@ -147,11 +151,10 @@ class Policy(nn.Module):
 
     # ---------------------------------------------------------------- acting
     def reset(self) -> None:
-        """New episode: clears the observation history, the action queue and every hook's state."""
+        """New episode: clears the observation history, the action queue and the cache's state."""
         self._history.clear()
         self._actions.clear()
-        for hook in self.sampling_hooks:
-            hook.reset()
+        self.clock.reset()
 
     def select_action(self, obs, done: np.ndarray | None = None) -> np.ndarray:
         """One env observation (obs_dim,) -> one action (Da,); a batch (B, obs_dim) -> (B, Da).
@@ -213,7 +216,7 @@ class Policy(nn.Module):
         cfg, device = self.config, self.device
         if self.generator.device != device:  # the policy was moved since seed()
             self.seed(self._seed)
-        B, hooks = len(history), self.sampling_hooks
+        B = len(history)
         shape = (B, cfg.horizon, cfg.action_dim)
         if noise is None:
             noise = torch.randn(shape, generator=self.generator, device=device)
@@ -221,7 +224,7 @@ class Policy(nn.Module):
             raise ValueError(f"noise must have shape {shape}, got {tuple(noise.shape)}")
         else:
             noise = noise.to(device=device, dtype=torch.float32)
-        coupled = B > 1 and any(getattr(h, "batch_coupled", False) for h in hooks)
+        coupled = B > 1 and self.cache is not None and self.cache.batch_coupled
         if coupled or (active is not None and not active.all()):
             # some rows, or each row on its own, with the noise the whole batch would have drawn
             step_noise = self._sampler.draw_step_noise(noise, self.generator)
@@ -234,34 +237,29 @@ class Policy(nn.Module):
             return out
 
         cond = self.obs_normalizer.normalize(torch.from_numpy(history).to(device))
-        timesteps = self._sampler.timesteps
-        for hook in hooks:
-            hook.begin_chunk(B, list(timesteps))
-        if self.precompute_condition:
-            cond = self.model.encode_condition(cond, timesteps)
+        ctx = self.model.prepare(cond, self._sampler.timesteps)  # once per chunk, exact
         model = self.model if self.compiled_model is None else self.compiled_model
-        t_values = torch.tensor(timesteps, dtype=torch.float32, device=device)  # one copy per chunk, none per step
-        per_step = isinstance(cond, ConditionCache) and cond.time_kv is not None
-
-        def denoise(x, t, k):
-            for hook in hooks:
-                hook.begin_step(k, t)
-            return model(x, t_values[k], cond.at_step(k) if per_step else cond)
-
-        x = sample(denoise, noise, self._sampler, self.generator, step_noise)
+        x = sample(model, ctx, noise, self._sampler, clock=self.clock, generator=self.generator, step_noise=step_noise)
         start = cfg.n_obs_steps - 1
         actions = self.action_normalizer.unnormalize(x[:, start:start + cfg.n_action_steps])
         return actions.cpu().numpy()
 
     # ---------------------------------------------------------------- training
     def compute_loss(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-        """Diffusion loss on raw data: obs (B, >= To, obs_dim), action (B, horizon, Da)."""
+        """Denoising loss on raw data, for what the model predicts: obs (B, >= To, obs_dim), action
+        (B, horizon, Da). epsilon / sample: DDPM noising at a random train step, target the noise / x0;
+        velocity: flow matching, x_t = t * noise + (1 - t) * x0 with t ~ U(0, 1), target noise - x0."""
         cond = self.obs_normalizer.normalize(obs[:, :self.config.n_obs_steps])
         x0 = self.action_normalizer.normalize(action)
         noise = torch.randn_like(x0)
-        t = torch.randint(0, self.config.sampler.num_train_steps, (x0.shape[0],), device=x0.device)
-        noisy = self.noise_scheduler.add_noise(x0, noise, t)
-        return F.mse_loss(self.model(noisy, t, cond), noise)
+        if self.model.prediction == "velocity":
+            t = torch.rand(x0.shape[0], device=x0.device)
+            noisy, target = t[:, None, None] * noise + (1 - t[:, None, None]) * x0, noise - x0
+        else:
+            t = torch.randint(0, self.config.sampler.num_train_steps, (x0.shape[0],), device=x0.device)
+            noisy = self.noise_scheduler.add_noise(x0, noise, t)
+            target = noise if self.model.prediction == "epsilon" else x0
+        return F.mse_loss(self.model(noisy, t, self.model.prepare(cond)), target)
 
     # ---------------------------------------------------------------- checkpoints
     def _weights_bytes(self) -> bytes:
@@ -297,7 +295,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 def load_policy(path, device: str | torch.device | None = None, **kwargs) -> Policy:
-    """Load <path>/{config.json, model.safetensors}; kwargs go to Policy (seed, precompute_condition)."""
+    """Load <path>/{config.json, model.safetensors}; kwargs go to Policy (seed)."""
     path = Path(path)
     config_file, weights_file = path / CONFIG_FILE, path / WEIGHTS_FILE
     for f in (config_file, weights_file):
@@ -321,4 +319,5 @@ def load_policy(path, device: str | torch.device | None = None, **kwargs) -> Pol
     if device is not None:
         policy.to(device)
         policy.seed(policy._seed)
+    policy.path = path
     return policy

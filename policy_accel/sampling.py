@@ -1,7 +1,8 @@
 """Denoising loops: DDPM and DDIM (epsilon prediction, diffusers' schedules) and flow-matching Euler.
 
-    x0 = sample(denoise_fn, noise, SamplerConfig("ddim", 10), generator)
-    # denoise_fn(x, t, step_index) -> epsilon (ddpm/ddim) or velocity (flow)
+    ctx = denoiser.prepare(cond, SamplerConfig("ddim", 10).timesteps())
+    x0 = sample(denoiser, ctx, noise, SamplerConfig("ddim", 10), clock=clock, generator=generator)
+    # denoiser(x, t, ctx.at_step(k)) -> epsilon (ddpm/ddim) or velocity (flow)
 
 DDPM and DDIM take their schedules from diffusers' `DDPMScheduler` / `DDIMScheduler` configured as
 in Diffusion Policy (100 train steps, squaredcos_cap_v2, fixed_small variance, clipped x0, epsilon
@@ -11,16 +12,23 @@ compare them) without its per-step index search and small-tensor bookkeeping, wh
 a cached denoiser step. Flow: x_t = t * noise + (1 - t) * x0, velocity v = noise - x0, Euler from
 t = 1 to 0 in `num_steps` equal steps.
 
-The loop hands the step index and t to the denoiser as Python numbers and never syncs the device.
+The loop owns the step clock (policy_accel/clock.py): step index, t and guidance branch go to the
+cache as Python numbers, and the loop never syncs the device.
 """
 
 import functools
 import math
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
+
+from policy_accel.clock import StepClock
+from policy_accel.denoiser import Context
+
+UNCOND = "uncond"
 
 KINDS = ("ddpm", "ddim", "flow")
 BETA_SCHEDULE = "squaredcos_cap_v2"
@@ -45,6 +53,13 @@ class SamplerConfig:
     def prediction(self) -> str:
         """What the denoiser must predict: "epsilon" or "velocity"."""
         return "velocity" if self.kind == "flow" else "epsilon"
+
+    def check_fits(self, prediction: str) -> None:
+        """Raise unless this sampler can sample a denoiser that predicts `prediction`."""
+        if prediction != self.prediction:
+            fits = "ddpm or ddim" if prediction == "epsilon" else "flow" if prediction == "velocity" else "none here"
+            raise ValueError(f"sampler {self.kind!r} needs a denoiser that predicts {self.prediction}; this one "
+                             f"predicts {prediction} (samplers that fit: {fits})")
 
     def timesteps(self) -> list[float]:
         """The t passed to the denoiser at each step, in order (train-step index for ddpm/ddim, 1 -> 0 for flow)."""
@@ -145,14 +160,45 @@ def build_sampler(config: SamplerConfig) -> Sampler:
     return Sampler(config)
 
 
-def sample(denoise_fn: Callable[[torch.Tensor, float, int], torch.Tensor], noise: torch.Tensor,
-           sampler: SamplerConfig | Sampler, generator: torch.Generator | None = None,
-           step_noise: list | None = None) -> torch.Tensor:
-    """Run the denoising loop from `noise`; returns x0. `denoise_fn(x, t, step_index)`. Per-step
-    noise comes from `generator`, or from `step_noise` (as made by `Sampler.draw_step_noise`)."""
+@dataclass(frozen=True)
+class Guidance:
+    """Classifier-free guidance: out = uncond + scale * (cond - uncond), the uncond branch run on
+    `ctx.uncond()` under the clock's "uncond" branch key (its own cache state)."""
+
+    scale: float = 1.5
+
+    def __post_init__(self):
+        if not math.isfinite(self.scale):
+            raise ValueError(f"guidance scale must be finite, got {self.scale}")
+
+
+def sample(denoiser: Callable, ctx: Context, noise: torch.Tensor, sampler: SamplerConfig | Sampler, *,
+           clock: StepClock | None = None, guidance: Guidance | None = None,
+           generator: torch.Generator | None = None, step_noise: list | None = None) -> torch.Tensor:
+    """Run the denoising loop from `noise`; returns x0. Step k calls `denoiser(x, t_k, ctx.at_step(k))`
+    with t_k a 0-dim tensor on the noise's device (one copy per chunk, none per step) and drives
+    `clock` (step index, t and guidance branch as Python values). Per-step noise comes from
+    `generator`, or from `step_noise` (as made by `Sampler.draw_step_noise`)."""
     if isinstance(sampler, SamplerConfig):
         sampler = build_sampler(sampler)
-    x = noise
-    for k, t in enumerate(sampler.timesteps):
-        x = sampler.step(k, denoise_fn(x, t, k), x, generator, None if step_noise is None else step_noise[k])
+    if not isinstance(ctx, Context):
+        raise TypeError(f"ctx must be a Context made by the denoiser's prepare(), got {type(ctx).__name__}")
+    t_values = torch.tensor(sampler.timesteps, dtype=torch.float32, device=noise.device)
+    if clock is not None:
+        clock.begin_chunk(noise.shape[0], sampler.config.kind, sampler.timesteps)
+    try:
+        x = noise
+        for k, t in enumerate(sampler.timesteps):
+            if clock is not None:
+                clock.at(k, t)
+            step_ctx = ctx.at_step(k)
+            out = denoiser(x, t_values[k], step_ctx)
+            if guidance is not None:
+                with clock.branch(UNCOND) if clock is not None else nullcontext():
+                    uncond = denoiser(x, t_values[k], step_ctx.uncond())
+                out = uncond + guidance.scale * (out - uncond)
+            x = sampler.step(k, out, x, generator, None if step_noise is None else step_noise[k])
+    finally:
+        if clock is not None:
+            clock.end_chunk()
     return x

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from policy_accel.cache import Forecaster, Schedule, acs_steps, bubbling_union, uniform_steps
+from policy_accel.cache import Binding, Forecaster, Schedule, acs_steps, bubbling_union, uniform_steps
 from policy_accel.cache.schedule import forecast_acs_steps, segment_scores
 
 UNEVEN_T = [99.0, 97.0, 90.0, 88.5, 71.0, 70.0]
@@ -177,15 +177,15 @@ def test_schedule_round_trip_and_mismatch_errors(tmp_path):
     sched.save(path)
     loaded = Schedule.load(path)
     assert loaded == sched and loaded.mask("a") == [True, False, False, False, True] + [False] * 5
-    loaded.check_compatible(["a", "b"], "ddim", 10, "abc123")
+    loaded.check_compatible(["a", "b"], Binding("abc123", "ddim", 10))
     with pytest.raises(ValueError, match="checkpoint"):
-        loaded.check_compatible(["a", "b"], "ddim", 10, "fff000")
+        loaded.check_compatible(["a", "b"], Binding("fff000", "ddim", 10))
     with pytest.raises(ValueError, match="made for 10 steps, policy samples 20"):
-        loaded.check_compatible(["a", "b"], "ddim", 20, "abc123")
+        loaded.check_compatible(["a", "b"], Binding("abc123", "ddim", 20))
     with pytest.raises(ValueError, match="sampler"):
-        loaded.check_compatible(["a", "b"], "ddpm", 10, "abc123")
+        loaded.check_compatible(["a", "b"], Binding("abc123", "ddpm", 10))
     with pytest.raises(ValueError, match="block names"):
-        loaded.check_compatible(["a", "c"], "ddim", 10, "abc123")
+        loaded.check_compatible(["a", "c"], Binding("abc123", "ddim", 10))
     with pytest.raises(ValueError, match="start at 0"):
         Schedule(blocks={"a": [1, 4]}, num_steps=10, sampler="ddim")
     with pytest.raises(FileNotFoundError):
@@ -193,3 +193,16 @@ def test_schedule_round_trip_and_mismatch_errors(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         Schedule.load(tmp_path / "bad.json")
+
+
+@pytest.mark.parametrize("order", [0, 2])
+def test_a_model_changing_block_outputs_in_place_cannot_corrupt_the_store(order):
+    f = Forecaster(order)
+    values = [torch.full((2, 3), v) for v in (1.0, 2.0, 4.0)]
+    for t, v in zip((3.0, 2.0, 1.0), values, strict=True):
+        f.update(t, v)
+    before = f.predict(0.0).clone()
+    for v in values:
+        v.mul_(0)  # the model scales what the block returned, in place
+    f.predict(0.0).add_(100)  # and what the forecast returned
+    assert torch.equal(f.predict(0.0), before)

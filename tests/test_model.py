@@ -20,6 +20,11 @@ def model():
     return DPTransformer(cfg).eval()
 
 
+def run(model, x, t, cond):
+    """The reference path (the test oracle): the condition prepared afresh for every call."""
+    return model(x, t, model.prepare(cond))
+
+
 def inputs(seed=1):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(B, T, DA, generator=g), torch.randn(B, TO, DC, generator=g)
@@ -27,13 +32,15 @@ def inputs(seed=1):
 
 def test_shapes_and_timestep_forms(model):
     x, cond = inputs()
-    assert model(x, 7.0, cond).shape == (B, T, DA)
-    assert model(x, torch.tensor([1, 50, 99]), cond).shape == (B, T, DA)
-    torch.testing.assert_close(model(x, torch.tensor([7, 7, 7]), cond), model(x, 7, cond))
+    assert run(model, x, 7.0, cond).shape == (B, T, DA)
+    assert run(model, x, torch.tensor([1, 50, 99]), cond).shape == (B, T, DA)
+    torch.testing.assert_close(run(model, x, torch.tensor([7, 7, 7]), cond), run(model, x, 7, cond))
     with pytest.raises(ValueError, match="cond must be"):
-        model(x, 7.0, cond[:, :1])
+        run(model, x, 7.0, cond[:, :1])
     with pytest.raises(ValueError, match="timestep must be"):
-        model(x, torch.tensor([1, 2]), cond)
+        run(model, x, torch.tensor([1, 2]), cond)
+    with pytest.raises(TypeError, match="made by prepare"):
+        model(x, 7.0, cond)
     with pytest.raises(ValueError, match="n_cond_layers"):
         DPTransformerConfig(input_dim=2, output_dim=2, cond_dim=2, n_cond_layers=1)
 
@@ -50,7 +57,7 @@ def test_blocks_are_named_uniformly_and_return_branch_outputs(model):
     modules = dict(model.named_modules())
     handles = [modules[n].register_forward_hook(lambda m, a, out, n=n: seen.__setitem__(n, (a[0].shape, out)))
                for n in names]
-    model(*inputs()[:1], 5.0, inputs()[1])
+    run(model, *inputs()[:1], 5.0, inputs()[1])
     for h in handles:
         h.remove()
     assert all(isinstance(out, torch.Tensor) and out.shape == in_shape == (B, T, 32) for in_shape, out in seen.values())
@@ -58,26 +65,26 @@ def test_blocks_are_named_uniformly_and_return_branch_outputs(model):
 
 def test_changing_a_later_action_token_never_changes_earlier_outputs(model):
     x, cond = inputs()
-    ref = model(x, 30.0, cond)
+    ref = run(model, x, 30.0, cond)
     for j in range(1, T):
         x2 = x.clone()
         x2[:, j] += 1.0
-        out = model(x2, 30.0, cond)
+        out = run(model, x2, 30.0, cond)
         torch.testing.assert_close(out[:, :j], ref[:, :j], rtol=0, atol=1e-6)
         assert not torch.allclose(out[:, j:], ref[:, j:])
 
 
 def test_memory_mask_action_token_t_sees_obs_steps_up_to_t(model):
     x, cond = inputs()
-    ref = model(x, 30.0, cond)
+    ref = run(model, x, 30.0, cond)
     newest = cond.clone()
     newest[:, 1] += 1.0  # memory token s = 2 -> visible to action tokens t >= 1
-    out = model(x, 30.0, newest)
+    out = run(model, x, 30.0, newest)
     torch.testing.assert_close(out[:, :1], ref[:, :1], rtol=0, atol=1e-6)
     assert not torch.allclose(out[:, 1:], ref[:, 1:])
     oldest = cond.clone()
     oldest[:, 0] += 1.0  # memory token s = 1 -> visible to every action token
-    assert not torch.allclose(model(x, 30.0, oldest)[:, :1], ref[:, :1])
+    assert not torch.allclose(run(model, x, 30.0, oldest)[:, :1], ref[:, :1])
 
 
 def textbook_forward(model, x, t, cond):
@@ -97,11 +104,11 @@ def textbook_forward(model, x, t, cond):
 def test_condition_cache_is_exact(model):
     x, cond = inputs()
     timesteps = [99.0, 66.0, 33.0, 0.0]
-    cache = model.encode_condition(cond)
-    cache_t = model.encode_condition(cond, timesteps)
+    cache = model.prepare(cond)
+    cache_t = model.prepare(cond, timesteps)
     assert isinstance(cache, ConditionCache) and cache.tokens.shape == (B, TO, 32) and len(cache.kv) == 2
     for k, t in enumerate(timesteps):
-        ref = model(x, t, cond)
+        ref = run(model, x, t, cond)
         assert torch.equal(model(x, t, cache), ref)  # bit-identical: same computation, reused
         assert torch.equal(model(x, torch.tensor(t), cache), ref)  # t as a 0-dim tensor (no recompiles)
         torch.testing.assert_close(model(x, t, cache_t.at_step(k)), ref, rtol=1e-5, atol=1e-6)  # batched time K/V
@@ -112,9 +119,9 @@ def test_condition_cache_is_exact(model):
 
 def test_dropout_only_in_training(model):
     x, cond = inputs()
-    assert torch.equal(model(x, 3.0, cond), model(x, 3.0, cond))
+    assert torch.equal(run(model, x, 3.0, cond), run(model, x, 3.0, cond))
     model.train()
-    assert not torch.equal(model(x, 3.0, cond), model(x, 3.0, cond))  # p_drop_attn 0.3
+    assert not torch.equal(run(model, x, 3.0, cond), run(model, x, 3.0, cond))  # p_drop_attn 0.3
 
 
 def test_optim_groups_decay_only_linear_weights(model):
@@ -129,7 +136,7 @@ def test_optim_groups_decay_only_linear_weights(model):
 def test_gradients_flow_to_every_parameter(model):
     model.train()
     x, cond = inputs()
-    F.mse_loss(model(x, torch.tensor([1, 2, 3]), cond), torch.zeros_like(x)).backward()
+    F.mse_loss(run(model, x, torch.tensor([1, 2, 3]), cond), torch.zeros_like(x)).backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
 
 
@@ -181,4 +188,4 @@ def test_matches_the_original_architecture_on_torch_decoder_layers(model):
     x, cond = inputs()
     original = OriginalDPT(model).eval()
     for t in (0.0, 42.0, 99.0):
-        torch.testing.assert_close(model(x, t, cond), original(x, t, cond), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(run(model, x, t, cond), original(x, t, cond), rtol=1e-5, atol=1e-5)

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 import policy_accel as pa
+from policy_accel.clock import ClockListener
 from policy_accel.sampling import ddpm_scheduler
 
 OBS_DIM, ACT_DIM, H, TO, TA = 6, 2, 8, 2, 4
@@ -34,23 +35,23 @@ def policy():
 OBS = np.linspace(-1, 1, 3 * OBS_DIM, dtype=np.float32).reshape(3, OBS_DIM)
 
 
-class Recorder:
-    def __init__(self):
-        self.events = []
+class Recorder(ClockListener):
+    """Listens to the policy's clock; a pre-hook on the denoiser records the clock at every call."""
 
-    def begin_chunk(self, batch_size, timesteps):
-        self.events.append(("chunk", batch_size, timesteps))
+    def __init__(self, policy):
+        self.events, clock = [], policy.clock
+        clock.listeners.append(self)
+        policy.model.register_forward_pre_hook(lambda m, a: self.events.append(("step", clock.step, clock.t)))
 
-    def begin_step(self, step_index, t):
-        self.events.append(("step", step_index, t))
+    def begin_chunk(self, batch_size, sampler_kind, timesteps):
+        self.events.append(("chunk", batch_size, list(timesteps)))
 
     def reset(self):
         self.events.append(("reset",))
 
 
 def test_select_action_shapes_and_action_queue(policy):
-    rec = Recorder()
-    policy.sampling_hooks.append(rec)
+    rec = Recorder(policy)
     policy.reset()
     single = [policy.select_action(OBS[0]) for _ in range(TA + 1)]
     assert all(a.shape == (ACT_DIM,) and a.dtype == np.float32 for a in single)
@@ -64,8 +65,7 @@ def test_select_action_shapes_and_action_queue(policy):
 
 
 def test_hooks_get_chunk_steps_and_reset_with_python_values(policy):
-    rec = Recorder()
-    policy.sampling_hooks.append(rec)
+    rec = Recorder(policy)
     policy.predict_action_chunk(OBS[:2])
     ts = pa.SamplerConfig("ddim", 5).timesteps()
     assert rec.events == [("chunk", 2, ts)] + [("step", k, t) for k, t in enumerate(ts)]
@@ -98,6 +98,11 @@ def test_first_observation_fills_history_and_explicit_history_leaves_it_alone(po
 
 class EpsOracle(nn.Module):
     """Predicts the exact noise for a known normalised trajectory x0 (B, H, Da)."""
+
+    prediction = "epsilon"
+
+    def prepare(self, cond, timesteps=None):
+        return pa.Context()
 
     def __init__(self, x0):
         super().__init__()
@@ -136,7 +141,7 @@ def test_same_seed_same_actions(policy):
 
 def test_done_rows_are_not_computed_and_the_others_get_their_own_actions(policy):
     policy.set_sampler(pa.SamplerConfig("ddpm", 100))  # fresh noise at every step: the RNG stream must match
-    rec = Recorder()
+    rec = Recorder(policy)
 
     def run(done_at_chunk):
         policy.seed(3)
@@ -144,7 +149,6 @@ def test_done_rows_are_not_computed_and_the_others_get_their_own_actions(policy)
         rec.events.clear()
         return np.stack([policy.select_action(OBS, done=done_at_chunk[t // TA]) for t in range(3 * TA)])
 
-    policy.sampling_hooks.append(rec)
     free = run([None, None, None])
     partial = run([None, np.array([False, True, False]), np.array([True, True, True])])
     assert [e[1] for e in rec.events if e[0] == "chunk"] == [3, 2]  # 3 rows, then 2, then none computed
@@ -174,8 +178,7 @@ def test_save_load_round_trip(policy, tmp_path):
 
 
 def test_bad_observations_fail_before_the_denoiser(policy):
-    rec = Recorder()
-    policy.sampling_hooks.append(rec)
+    rec = Recorder(policy)
     nan = OBS[0].copy()
     nan[2] = np.nan
     cases = [(OBS[0, :5], "shape"), (OBS[None], r"shape \(6,\) or \(B, 6\)"), (nan, "NaN or inf"),
@@ -213,7 +216,7 @@ def test_bad_checkpoints_raise_errors_naming_the_file(policy, tmp_path):
 
 
 def test_sampler_switch_and_validation(policy):
-    with pytest.raises(ValueError, match="velocity model"):
+    with pytest.raises(ValueError, match="needs a denoiser that predicts velocity"):
         policy.set_sampler(pa.SamplerConfig("flow", 10))
     with pytest.raises(TypeError):
         policy.set_sampler("ddim")
@@ -225,30 +228,53 @@ def test_sampler_switch_and_validation(policy):
         pa.PolicyConfig(obs_dim=2, action_dim=2, model=dict(horizon=4))
 
 
-def test_precomputed_condition_matches_and_engine_contract(policy):
+def test_engine_contract_through_the_policy(policy):
     policy.seed(0)
     ref = policy.predict_action_chunk(OBS)
-    policy.precompute_condition = True
+    handle = pa.accelerate(policy, pa.EveryStepConfig())
+    assert policy.cache is handle and policy.clock.listeners == [handle]
     policy.seed(0)
-    np.testing.assert_allclose(policy.predict_action_chunk(OBS), ref, rtol=1e-5, atol=1e-5)
-    policy.precompute_condition = False
-    pa.accelerate(policy, pa.LosslessConfig())
-    assert policy.precompute_condition
-    policy.seed(0)
-    np.testing.assert_allclose(policy.predict_action_chunk(OBS), ref, rtol=1e-5, atol=1e-5)
+    assert np.array_equal(policy.predict_action_chunk(OBS), ref)
+    with pytest.raises(RuntimeError, match="already accelerated"):
+        pa.accelerate(policy, pa.UniformConfig(interval=2))
     pa.remove_acceleration(policy)
     pa.accelerate(policy, pa.UniformConfig(interval=2))
     policy.predict_action_chunk(OBS)
     stats = pa.cache_stats(policy)
     assert len(stats.blocks) == 6 and all((b.computed, b.skipped) == (3, 2) for b in stats.blocks.values())
     pa.remove_acceleration(policy)
-    assert policy.sampling_hooks == [] and not policy.precompute_condition
+    assert policy.clock.listeners == [] and policy.cache is None
+    with pytest.raises(ValueError, match="not accelerated"):
+        pa.cache_stats(policy)
     policy.seed(0)
     assert np.array_equal(policy.predict_action_chunk(OBS), ref)
+
+
+def test_a_sampler_must_fit_what_the_model_predicts(policy):
+    with pytest.raises(ValueError, match="sampler 'flow' needs a denoiser that predicts velocity; this one predicts "
+                                         "epsilon"):
+        policy.set_sampler(pa.SamplerConfig("flow", 10))
+
+
+def test_the_cache_package_imports_no_policy_model_or_data():
+    import ast
+    from pathlib import Path
+
+    forbidden = ("policy_accel.policy", "policy_accel.models", "policy_accel.data", "policy_accel.calibration",
+                 "policy_accel.train", "policy_accel.acceleration", "policy_accel.cli")
+    for path in (Path(pa.__file__).parent / "cache").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not [n for n in names if n.startswith(forbidden)], (path.name, names)
 
 
 def test_library_never_imports_hydra_envs_or_eval():
     code = ("import sys, policy_accel, policy_accel.train, policy_accel.data; "
             "bad = sorted({m.split('.')[0] for m in sys.modules} & {'hydra', 'envs', 'eval'}); print(bad)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    # the package face needs only its base dependencies (omegaconf is the command lines' business)
+    code = "import sys, policy_accel; print(sorted({m.split('.')[0] for m in sys.modules} & {'omegaconf', 'zarr'}))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -11,7 +11,7 @@ import envs
 import policy_accel as pa
 from eval import bench_denoiser, fidelity, rollout
 from eval.methods import apply_method, parse_method
-from policy_accel.cache.calibration import run as calibrate_cli
+from policy_accel.calibration import run as calibrate_cli
 from tests.test_train import write_zarr
 
 
@@ -106,7 +106,7 @@ def test_method_strings_parse_and_reject_typos():
     assert (m.family, m.params, m.base_steps) == ("bac_taylor", {"budget": 10, "order": 2, "nb": True, "f": False}, 20)
     assert parse_method("taylorseer4o1").params == {"interval": 4, "order": 1}
     assert parse_method("diffusers_fbc0.05@ddim20").params == {"threshold": 0.05}
-    assert parse_method("diffusers_magcache0.2k9").params == {"threshold": 0.2, "max_skip": 9}
+    assert parse_method("diffusers_magcache0.2k9").params == {"threshold": 0.2, "max_skip": 9, "retention": None}
     for bad in ("bac", "ddim", "fast", "ddim10@ddim20", "uniform4@ddpm50", "diffusers_fbc5"):
         with pytest.raises(ValueError, match=bad.split("@")[0] if bad not in ("fast", "diffusers_fbc5")
                            else "unknown method"):
@@ -117,11 +117,11 @@ def test_rollout_end_to_end_on_push2d_writes_summary(tmp_path):
     ckpt = tiny_checkpoint(tmp_path / "push2d_tiny")
     out = tmp_path / "summary.json"
     summary = rollout.main([f"checkpoint={ckpt}", "episodes=5", "num_envs=3", "latency_rounds=2", "latency_repeats=2",
-                            "methods=[uncached,ddim5,lossless,uniform4,taylorseer3o1]", f"out={out}",
+                            "methods=[uncached,ddim5,every_step,uniform4,taylorseer3o1]", f"out={out}",
                             "progress=false"])
     assert json.loads(out.read_text()) == summary
     rows = summary["results"]
-    assert [r["setting"] for r in rows] == ["uncached", "ddim5", "lossless", "uniform4", "taylorseer3o1"]
+    assert [r["setting"] for r in rows] == ["uncached", "ddim5", "every_step", "uniform4", "taylorseer3o1"]
     for r in rows:
         assert r["n_episodes"] == 5 and 0 <= r["successes"] <= 5
         assert r["ci_low"] <= r["success_rate"] <= r["ci_high"]
@@ -131,8 +131,8 @@ def test_rollout_end_to_end_on_push2d_writes_summary(tmp_path):
     assert by["uncached"]["flops_ratio"] == 1.0
     assert by["ddim5"]["flops_ratio"] == pytest.approx(5 / 20, rel=0.02)
     assert by["uniform4"]["flops_ratio"] < 0.5
-    # lossless changes no output, so the same seeds give the same episodes
-    assert by["lossless"]["failed_seeds"] == by["uncached"]["failed_seeds"]
+    # computing every block through the hooks changes no output, so the same seeds give the same episodes
+    assert by["every_step"]["failed_seeds"] == by["uncached"]["failed_seeds"]
 
     from eval import card
 
@@ -188,22 +188,22 @@ def test_calibrate_cli_writes_schedules_that_methods_load(tmp_path):
     policy = pa.load_policy(ckpt)
     obs = np.zeros(6, np.float32)
     for spec in ("bac4", "bac6nb", "bac_taylor4o1"):
-        remover = apply_method(policy, parse_method(spec), ckpt, policy.config.sampler)
+        remover = apply_method(policy, parse_method(spec), ckpt)
         policy.reset()
         assert policy.predict_action_chunk(obs).shape == (1, 4, 2)
         remover.remove()
-        assert policy.acceleration is None
-    with pytest.raises(FileNotFoundError, match="policy_accel.cache.calibrate"):
-        apply_method(policy, parse_method("bac7"), ckpt, policy.config.sampler)
+        assert policy.cache is None
+    with pytest.raises(FileNotFoundError, match="policy_accel.calibration"):
+        apply_method(policy, parse_method("bac7"), ckpt)
     with pytest.raises(FileNotFoundError, match="forecast_order=1"):
-        apply_method(policy, parse_method("bac_taylor4o1f"), ckpt, policy.config.sampler)
+        apply_method(policy, parse_method("bac_taylor4o1f"), ckpt)
     written = calibrate_cli([f"checkpoint={ckpt}", "budget=4", "bubble_blocks=0", "observations=4",
                              "forecast_order=1", "num_threads=1"])
     assert [p.name for p in written] == ["bac_s4_b0_ddpm20_f1.json"]
     assert pa.Schedule.load(written[0]).calibration["criterion"] == "order-1 forecast error"
-    apply_method(policy, parse_method("bac_taylor4o1nbf"), ckpt, policy.config.sampler).remove()
+    apply_method(policy, parse_method("bac_taylor4o1nbf"), ckpt).remove()
     with pytest.raises(FileNotFoundError, match="magcache=true sampler=ddim steps=10"):
-        apply_method(policy, parse_method("diffusers_magcache0.1@ddim10"), ckpt, policy.config.sampler)
+        apply_method(policy, parse_method("diffusers_magcache0.1@ddim10"), ckpt)
     written = calibrate_cli([f"checkpoint={ckpt}", "magcache=true", "observations=4", "num_threads=1"])
     assert [p.name for p in written] == ["magcache_ddpm20.json"]
     args = [f"checkpoint={ckpt}", "budget=[4,6]", "bubble_blocks=0", "observations=4", "num_threads=1",
@@ -214,8 +214,8 @@ def test_calibrate_cli_writes_schedules_that_methods_load(tmp_path):
     assert [p.name for p in calibrate_cli(args)] == ["bac_s4_b0_ddpm20.json", "bac_s6_b0_ddpm20.json"]
     assert pa.Schedule.load(stale).checkpoint_hash == policy.checkpoint_hash
     assert calibrate_cli([f"checkpoint={ckpt}", "magcache=true", "skip_current=true"]) == []
-    apply_method(policy, parse_method("diffusers_magcache0.1"), ckpt, policy.config.sampler).remove()
-    assert policy.sampling_hooks == []
+    apply_method(policy, parse_method("diffusers_magcache0.1"), ckpt).remove()
+    assert policy.clock.listeners == [] and policy.cache is None
     with pytest.raises(ValueError, match="forecast_order"):
         calibrate_cli([f"checkpoint={ckpt}", "budget=4", "forecast_order=2"])
     with pytest.raises(ValueError, match="needs order 1"):
@@ -257,7 +257,7 @@ def test_flops_of_a_threshold_cache_are_averaged_over_the_timed_observations(tmp
     rng = np.random.default_rng(0)
     histories = [rng.uniform(-3, 3, (1, 2, policy.config.obs_dim)).astype(np.float32) for _ in range(6)]
     fbc = parse_method("diffusers_fbc0.3")
-    remover = apply_method(policy, fbc, ckpt, policy.config.sampler)
+    remover = apply_method(policy, fbc, ckpt)
     state = policy.generator.get_state()
     each = [pa.chunk_flops(policy, h, seed=i) for i, h in enumerate(histories)]
     remover.remove()

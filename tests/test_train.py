@@ -209,7 +209,7 @@ def test_tiny_policy_trained_on_push2d_beats_random(tmp_path):
                       batch_size=64, lr=1e-3, warmup_steps=50, save_every=300, log_every=50, num_threads=1,
                       progress=False, device="cpu", sampler="ddim", sampler_steps=10,
                       model=dict(n_layer=2, n_head=4, n_emb=64, p_drop_attn=0.0))
-    policy = pa.load_policy(train(cfg), precompute_condition=True)
+    policy = pa.load_policy(train(cfg))
     log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert log[-1]["loss"] < 0.5 * log[0]["loss"]
     policy.reset()

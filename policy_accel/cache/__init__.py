@@ -1,26 +1,30 @@
-"""The acceleration engine: block hooks, static schedules, forecasting, calibration, stats.
+"""The acceleration engine: block hooks, static schedules, forecasting, the diffusers peers.
 
-Works on any denoiser whose sub-blocks it is told about (a name pattern); never imports models/.
+Attaches to any nn.Module whose sub-blocks it is told about (a name pattern) and listens to the
+sampling loop's StepClock; never imports models/, the policy or the data.
 """
 
-from policy_accel.cache.calibration import calibrate
 from policy_accel.cache.forecast import Forecaster
+from policy_accel.cache.handle import CacheHandle
 from policy_accel.cache.hooks import find_blocks
 from policy_accel.cache.methods import (
     BACConfig,
     BACTaylorConfig,
-    LosslessConfig,
+    EveryStepConfig,
     TaylorSeerConfig,
     UniformConfig,
-    accelerate,
+    attach,
+    config_from_dict,
+    config_to_dict,
+    register_attach,
     register_method,
-    remove_acceleration,
 )
-from policy_accel.cache.schedule import Schedule, acs_steps, bubbling_union, uniform_steps
-from policy_accel.cache.stats import cache_stats, chunk_flops
+from policy_accel.cache.peers import DiffusersFBCConfig, DiffusersMagCacheConfig, DiffusersTaylorSeerConfig, MagRatios
+from policy_accel.cache.schedule import Binding, Schedule, acs_steps, bubbling_union, uniform_steps
 
 __all__ = [
-    "BACConfig", "BACTaylorConfig", "Forecaster", "LosslessConfig", "Schedule", "TaylorSeerConfig",
-    "UniformConfig", "accelerate", "acs_steps", "bubbling_union", "cache_stats", "calibrate", "chunk_flops",
-    "find_blocks", "register_method", "remove_acceleration", "uniform_steps",
+    "BACConfig", "BACTaylorConfig", "Binding", "CacheHandle", "DiffusersFBCConfig", "DiffusersMagCacheConfig",
+    "DiffusersTaylorSeerConfig", "EveryStepConfig", "Forecaster", "MagRatios", "Schedule", "TaylorSeerConfig",
+    "UniformConfig", "acs_steps", "attach", "bubbling_union", "config_from_dict", "config_to_dict", "find_blocks",
+    "register_attach", "register_method", "uniform_steps",
 ]

@@ -6,7 +6,9 @@ polynomials of degree <= m whatever the spacing. ``differences="backward"`` repr
 the public TaylorSeer code (derivatives divided by the latest gap only, Taylor series around the
 latest point); it is kept for cross-checks and is wrong under uneven spacing.
 
-All coefficients are Python floats computed from known t values: no host sync per step.
+All coefficients are Python floats computed from known t values: no host sync per step. Stored
+values are copies, and `predict` returns a new tensor, so a model that changes a block's output in
+place cannot corrupt the store.
 """
 
 import math
@@ -35,7 +37,7 @@ class Forecaster:
     def update(self, t: float, value: torch.Tensor) -> None:
         if self.nodes and t == self.nodes[0]:
             raise ValueError(f"two computed points at the same t={t}: cannot take differences")
-        new = [value]
+        new = [value.detach().clone()]  # a model that changes its output in place must not change the store
         for j in range(1, min(self.order, len(self.coeffs)) + 1):
             gap = t - (self.nodes[j - 1] if self.differences == "newton" else self.nodes[0])
             new.append(torch.sub(new[j - 1], self.coeffs[j - 1]).div_(gap))
@@ -46,6 +48,8 @@ class Forecaster:
         if not self.coeffs:
             raise RuntimeError("forecast requested before any computed step (step 0 must compute)")
         out = self.coeffs[0]
+        if len(self.coeffs) == 1:
+            return out.clone()  # never hand out the stored tensor itself
         weight = 1.0
         for j in range(1, len(self.coeffs)):
             if self.differences == "newton":

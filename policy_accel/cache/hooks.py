@@ -1,10 +1,10 @@
 """Attach per-block wrappers to module instances and take them off again.
 
 A wrapped block computes on the steps its compute mask marks (recording its residual-branch output)
-and returns a forecast from its stored outputs otherwise. The current step index and t come from a
-`StepContext`, which the policy advances through its sampling hooks (plain Python values, so the
-static-schedule path has no host sync). With `compile=True` each block's computation goes through
-torch.compile while the hook itself stays in Python.
+and returns a forecast from its stored outputs otherwise. The step index, t and guidance branch come
+from the sampling loop's `StepClock` (plain Python values, so the static-schedule path has no host
+sync). With `compile=True` each block's computation goes through torch.compile while the hook
+itself stays in Python.
 """
 
 import functools
@@ -16,6 +16,7 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from policy_accel.cache.forecast import Forecaster
+from policy_accel.clock import StepClock
 
 FFN_KINDS = ("ff", "ffn", "mlp", "feed_forward")
 
@@ -48,40 +49,19 @@ def find_blocks(model: nn.Module, pattern: str | None = None) -> list[BlockInfo]
     return blocks
 
 
-class StepContext:
-    """The sampler's position, advanced by the policy's sampling hooks; resets block state per chunk."""
-
-    def __init__(self, num_steps: int):
-        self.num_steps = num_steps
-        self.step = 0
-        self.t = 0.0
-        self.hooks: list[BlockHook] = []
-
-    def begin_chunk(self, batch_size: int, timesteps: list[float]) -> None:
-        if len(timesteps) != self.num_steps:
-            raise ValueError(
-                f"cache was configured for {self.num_steps} denoising steps but the sampler runs "
-                f"{len(timesteps)}; re-apply acceleration after changing the sampler"
-            )
-        self.reset()
-
-    def begin_step(self, step_index: int, t: float) -> None:
-        self.step, self.t = step_index, t
-
-    def reset(self) -> None:
-        self.step, self.t = 0, 0.0
-        for hook in self.hooks:
-            hook.forecaster.reset()
-
-
 class BlockHook:
-    """Replaces one module instance's forward: compute-and-record, or forecast."""
+    """Replaces one module instance's forward: compute-and-record, or forecast, as the compute mask
+    says for the clock's step. State is kept per guidance branch (one Forecaster each). Outside a
+    sampling pass the block computes exactly and records nothing."""
 
-    def __init__(self, module: nn.Module, info: BlockInfo, mask: list[bool], forecaster: Forecaster,
-                 ctx: StepContext, compile: bool = False):
+    def __init__(self, module: nn.Module, info: BlockInfo, mask: list[bool], order: int, differences: str,
+                 clock: StepClock, compile: bool = False):
         if not mask[0]:
             raise ValueError(f"block {info.name}: step 0 must compute (nothing to reuse before it)")
-        self.module, self.info, self.mask, self.forecaster, self.ctx = module, info, mask, forecaster, ctx
+        Forecaster(order, differences)  # validates
+        self.module, self.info, self.mask, self.clock = module, info, mask, clock
+        self.order, self.differences = order, differences
+        self.forecasters: dict[str, Forecaster] = {}
         self.computed = 0
         self.skipped = 0
         self.flops_per_call: int | None = None  # measured on the first computed call (for cache_stats)
@@ -92,25 +72,37 @@ class BlockHook:
         self.compute = torch.compile(self.original_forward) if compile else self.original_forward
         module.forward = functools.update_wrapper(functools.partial(BlockHook.forward, self),
                                                   self.original_forward)
-        ctx.hooks.append(self)
 
     def forward(self, *args, **kwargs):
-        if self.mask[self.ctx.step]:
+        clock = self.clock
+        if not clock.running:
+            return self.original_forward(*args, **kwargs)
+        forecaster = self.forecasters.get(clock.branch_key)
+        if forecaster is None:
+            forecaster = self.forecasters[clock.branch_key] = Forecaster(self.order, self.differences)
+        if self.mask[clock.step]:
             self.computed += 1
-            if self.flops_per_call is None:  # once per accelerate: count this call's FLOPs
+            if self.flops_per_call is None:  # once per attach: count this call's FLOPs
                 with FlopCounterMode(display=False) as counter:
                     out = self.original_forward(*args, **kwargs)
                 self.flops_per_call = int(counter.get_total_flops())
             else:
                 out = self.compute(*args, **kwargs)
-            self.forecaster.update(self.ctx.t, out)
+            forecaster.update(clock.t, out)
             return out
         self.skipped += 1
-        return self.forecaster.predict(self.ctx.t)
+        return forecaster.predict(clock.t)
+
+    def reset(self) -> None:
+        self.forecasters.clear()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(f.nbytes for f in self.forecasters.values())
 
     def remove(self) -> None:
         if self.instance_forward is None:
             del self.module.forward  # the instance attribute goes; the class's forward is back
         else:
             self.module.forward = self.instance_forward
-        self.forecaster.reset()
+        self.reset()

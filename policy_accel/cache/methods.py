@@ -1,26 +1,32 @@
-"""Acceleration methods: one config dataclass each, a planner registered by config type, one verb.
+"""Acceleration methods: one config dataclass each, registered by config type, one verb.
 
-    pa.accelerate(policy, pa.UniformConfig(interval=5))
-    pa.accelerate(policy, pa.TaylorSeerConfig(interval=4, order=2))
-    pa.accelerate(policy, pa.BACConfig(schedule="checkpoints/lift_dp_t/schedules/bac_s10.json"))
-    pa.accelerate(policy, pa.BACTaylorConfig(schedule=..., order=2))
-    pa.remove_acceleration(policy)
+    handle = attach(denoiser, UniformConfig(interval=5), clock, binding)
+    handle = attach(denoiser, BACTaylorConfig(schedule="checkpoints/lift_dp_t/schedules/bac_s10....json"), ...)
+    handle.remove()
 
-A planner turns a config into a `Plan`: a static per-block compute schedule plus the forecast
-used on skipped steps. Adding a method means adding a config and a planner; nothing central changes.
+(`pa.accelerate(policy, config)` is the same for a policy.) A planner turns a config into a `Plan`:
+a static per-block compute schedule plus the forecast used on skipped steps; other methods (the
+diffusers peers) register an attach function of their own. Adding a method means adding a config
+and a planner; nothing central changes. Configs round-trip through plain dicts (`config_to_dict`).
 """
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from policy_accel.cache.forecast import DIFFERENCES, Forecaster
-from policy_accel.cache.hooks import BlockHook, BlockInfo, StepContext, find_blocks
-from policy_accel.cache.schedule import Schedule, uniform_steps
+import torch.nn as nn
+
+from policy_accel.cache.forecast import Forecaster
+from policy_accel.cache.handle import CacheHandle
+from policy_accel.cache.hooks import BlockHook, BlockInfo, find_blocks
+from policy_accel.cache.schedule import Binding, Schedule, uniform_steps
+from policy_accel.cache.stats import BlockStats, CacheStats
+from policy_accel.clock import StepClock
 
 
 def _suffix(cfg) -> str:
-    return ("" if cfg.lossless else "_exact") + ("+compile" if cfg.compile else "")
+    return "+compile" if cfg.compile else ""
 
 
 @dataclass
@@ -29,7 +35,6 @@ class UniformConfig:
 
     interval: int = 5
     blocks: str | None = None  # regex over module names; default: the model's `cache_blocks`
-    lossless: bool = True  # per-chunk condition K/V where the model supports it
     compile: bool = False  # torch.compile each block's computation (the hook logic stays eager)
 
     def __post_init__(self):
@@ -50,18 +55,14 @@ class TaylorSeerConfig:
     warmup: int = 1
     differences: str = "newton"  # "backward" = the public implementations' latest-gap rule
     blocks: str | None = None
-    lossless: bool = True
     compile: bool = False
 
     def __post_init__(self):
         if self.interval < 1:
             raise ValueError(f"interval must be >= 1, got {self.interval}")
-        if self.order < 0:
-            raise ValueError(f"order must be >= 0, got {self.order}")
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
-        if self.differences not in DIFFERENCES:
-            raise ValueError(f"differences must be one of {DIFFERENCES}, got {self.differences!r}")
+        Forecaster(self.order, self.differences)  # validates order and differences
 
     @property
     def tag(self) -> str:
@@ -73,8 +74,8 @@ class TaylorSeerConfig:
 class BACConfig:
     """BAC: per-block static schedule (ACS + Bubbling Union), reuse in the gaps.
 
-    Give `schedule` (a Schedule or the path of its JSON file), or `budget` with calibration
-    `observations` to calibrate now.
+    Give `schedule` (a Schedule or the path of its JSON file, read when attached), or `budget` with
+    calibration `observations` for `pa.accelerate(policy, ...)` to calibrate first.
     """
 
     schedule: Schedule | str | Path | None = None
@@ -82,7 +83,6 @@ class BACConfig:
     bubble_blocks: int = 5
     observations: list | None = field(default=None, repr=False)
     blocks: str | None = None
-    lossless: bool = True
     compile: bool = False
 
     def __post_init__(self):
@@ -94,16 +94,24 @@ class BACConfig:
             raise ValueError(f"budget must be >= 1, got {self.budget}")
         if self.bubble_blocks < 0:
             raise ValueError(f"bubble_blocks must be >= 0, got {self.bubble_blocks}")
-        if isinstance(self.schedule, (str, Path)):
-            self.schedule = Schedule.load(self.schedule)
+        if isinstance(self.schedule, Path):
+            self.schedule = str(self.schedule)
+
+    def load_schedule(self) -> Schedule:
+        if self.schedule is None:
+            raise ValueError(f"{type(self).__name__}(budget={self.budget}) has no schedule yet: calibrate it "
+                             "(pa.calibrate, or pa.accelerate(policy, config) with observations=[...])")
+        return self.schedule if isinstance(self.schedule, Schedule) else Schedule.load(self.schedule)
 
     @property
     def tag(self) -> str:
         return self._base_tag() + _suffix(self)
 
     def _base_tag(self) -> str:
-        if self.schedule is not None:
+        if isinstance(self.schedule, Schedule):
             return f"bac_s{self.schedule.budget}_b{self.schedule.bubble_blocks}"
+        if self.schedule is not None:
+            return "bac_" + Path(self.schedule).stem.removeprefix("bac_")
         return f"bac_s{self.budget}_b{self.bubble_blocks}"
 
 
@@ -116,10 +124,7 @@ class BACTaylorConfig(BACConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.order < 0:
-            raise ValueError(f"order must be >= 0, got {self.order}")
-        if self.differences not in DIFFERENCES:
-            raise ValueError(f"differences must be one of {DIFFERENCES}, got {self.differences!r}")
+        Forecaster(self.order, self.differences)  # validates order and differences
 
     @property
     def tag(self) -> str:
@@ -128,16 +133,15 @@ class BACTaylorConfig(BACConfig):
 
 
 @dataclass
-class LosslessConfig:
-    """Only the exact savings (per-chunk condition K/V): every block computes every step."""
+class EveryStepConfig:
+    """Every block computes every step through the hooks: outputs unchanged, measures hook overhead."""
 
     blocks: str | None = None
-    lossless: bool = True
     compile: bool = False
 
     @property
     def tag(self) -> str:
-        return ("lossless" if self.lossless else "every_step") + ("+compile" if self.compile else "")
+        return "every_step" + _suffix(self)
 
 
 @dataclass
@@ -147,122 +151,137 @@ class Plan:
     differences: str = "newton"
 
 
-_PLANNERS: dict[type, Callable] = {}
+_ATTACH: dict[type, Callable] = {}
+
+
+def register_attach(config_type: type):
+    """Register `attach_fn(denoiser, config, clock, binding, allow_unbound) -> CacheHandle` for `config_type`."""
+
+    def decorator(fn):
+        _ATTACH[config_type] = fn
+        return fn
+
+    return decorator
 
 
 def register_method(config_type: type):
-    """Register `planner(config, policy, blocks) -> Plan` as the handler of `config_type`."""
+    """Register `planner(config, binding, blocks) -> Plan` as the handler of a static-schedule method."""
 
     def decorator(planner):
-        _PLANNERS[config_type] = planner
+        def attach_planned(denoiser, config, clock, binding, allow_unbound):
+            blocks = find_blocks(denoiser, config.blocks)
+            plan = planner(config, binding, blocks)
+            plan.schedule.check_compatible([b.name for b in blocks], binding, allow_unbound)
+            return BlockCache(denoiser, config, plan, blocks, clock, binding)
+
+        _ATTACH[config_type] = attach_planned
         return planner
 
     return decorator
 
 
-def _uniform_schedule(policy, blocks: list[BlockInfo], steps: list[int], method: str) -> Schedule:
-    return Schedule(
-        blocks={b.name: steps for b in blocks},
-        num_steps=policy.sampler.num_steps,
-        sampler=policy.sampler.kind,
-        checkpoint_hash=policy.checkpoint_hash,
-        method=method,
-        budget=len(steps),
-    )
+def _uniform_schedule(binding: Binding, blocks: list[BlockInfo], steps: list[int], method: str) -> Schedule:
+    return Schedule(blocks={b.name: steps for b in blocks}, num_steps=binding.num_steps, sampler=binding.sampler,
+                    checkpoint_hash=binding.checkpoint_hash, method=method, budget=len(steps))
 
 
 @register_method(UniformConfig)
-def _plan_uniform(cfg: UniformConfig, policy, blocks) -> Plan:
-    steps = uniform_steps(policy.sampler.num_steps, cfg.interval)
-    return Plan(_uniform_schedule(policy, blocks, steps, "uniform"))
+def _plan_uniform(cfg: UniformConfig, binding, blocks) -> Plan:
+    return Plan(_uniform_schedule(binding, blocks, uniform_steps(binding.num_steps, cfg.interval), "uniform"))
 
 
 @register_method(TaylorSeerConfig)
-def _plan_taylorseer(cfg: TaylorSeerConfig, policy, blocks) -> Plan:
-    steps = uniform_steps(policy.sampler.num_steps, cfg.interval, cfg.warmup)
-    return Plan(_uniform_schedule(policy, blocks, steps, "taylorseer"), cfg.order, cfg.differences)
+def _plan_taylorseer(cfg: TaylorSeerConfig, binding, blocks) -> Plan:
+    steps = uniform_steps(binding.num_steps, cfg.interval, cfg.warmup)
+    return Plan(_uniform_schedule(binding, blocks, steps, "taylorseer"), cfg.order, cfg.differences)
 
 
-@register_method(LosslessConfig)
-def _plan_lossless(cfg: LosslessConfig, policy, blocks) -> Plan:
-    return Plan(_uniform_schedule(policy, blocks, list(range(policy.sampler.num_steps)), "lossless"))
-
-
-def _bac_schedule(cfg: BACConfig, policy) -> Schedule:
-    if cfg.schedule is not None:
-        return cfg.schedule
-    if not cfg.observations:
-        raise ValueError(
-            f"{type(cfg).__name__}(budget={cfg.budget}) needs calibration observations=[...] "
-            "(or a schedule made by pa.calibrate)"
-        )
-    from policy_accel.cache.calibration import calibrate
-
-    return calibrate(policy, cfg.observations, budget=cfg.budget, bubble_blocks=cfg.bubble_blocks,
-                     blocks=cfg.blocks)
+@register_method(EveryStepConfig)
+def _plan_every_step(cfg: EveryStepConfig, binding, blocks) -> Plan:
+    return Plan(_uniform_schedule(binding, blocks, list(range(binding.num_steps)), "every_step"))
 
 
 @register_method(BACConfig)
-def _plan_bac(cfg: BACConfig, policy, blocks) -> Plan:
-    return Plan(_bac_schedule(cfg, policy))
+def _plan_bac(cfg: BACConfig, binding, blocks) -> Plan:
+    return Plan(cfg.load_schedule())
 
 
 @register_method(BACTaylorConfig)
-def _plan_bac_taylor(cfg: BACTaylorConfig, policy, blocks) -> Plan:
-    return Plan(_bac_schedule(cfg, policy), cfg.order, cfg.differences)
+def _plan_bac_taylor(cfg: BACTaylorConfig, binding, blocks) -> Plan:
+    return Plan(cfg.load_schedule(), cfg.order, cfg.differences)
 
 
-@dataclass
-class Acceleration:
-    """What `accelerate` attached to a policy; `remove_acceleration` undoes exactly this."""
+class BlockCache(CacheHandle):
+    """Our static-schedule methods: one BlockHook per wrapped block, all listening to one clock."""
 
-    config: object
-    plan: Plan
-    ctx: StepContext
-    hooks: list[BlockHook]
-    lossless_before: bool | None
+    def __init__(self, denoiser: nn.Module, config, plan: Plan, blocks: list[BlockInfo], clock: StepClock,
+                 binding: Binding):
+        super().__init__(config, config.tag, clock, binding)
+        self.plan = plan
+        modules = dict(denoiser.named_modules())
+        self.hooks = []
+        try:
+            for b in blocks:
+                self.hooks.append(BlockHook(modules[b.name], b, plan.schedule.mask(b.name), plan.order,
+                                            plan.differences, clock, compile=config.compile))
+        except BaseException:
+            self._detach()
+            raise
+        self._attach()
+
+    def reset(self) -> None:
+        for hook in self.hooks:
+            hook.reset()
+
+    def _detach(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+
+    def stats(self) -> CacheStats:
+        """Counts since attach and the bytes the cache holds now."""
+        return CacheStats(self.tag, {h.info.name: BlockStats(h.computed, h.skipped, h.flops_per_call or 0)
+                                     for h in self.hooks}, sum(h.nbytes for h in self.hooks))
 
 
-def accelerate(policy, config) -> "Acceleration":
-    """Wrap the policy's denoiser blocks according to `config` (one of the registered configs)."""
-    planner = _PLANNERS.get(type(config))
-    if planner is None:
-        known = ", ".join(t.__name__ for t in _PLANNERS)
+def attach(denoiser: nn.Module, config, clock: StepClock, binding: Binding, *,
+           allow_unbound: bool = False) -> CacheHandle:
+    """Wrap `denoiser`'s blocks according to `config`, driven by `clock`, for the checkpoint and sampler
+    in `binding`. One cache per clock: remove() the handle before attaching another."""
+    fn = _ATTACH.get(type(config))
+    if fn is None:
+        known = ", ".join(t.__name__ for t in _ATTACH)
         raise TypeError(f"unknown acceleration config {type(config).__name__}; known: {known}")
-    if getattr(policy, "acceleration", None) is not None:
-        raise RuntimeError(
-            f"policy is already accelerated with {policy.acceleration.config}; call remove_acceleration first"
-        )
-    if getattr(policy, "compiled_model", None) is not None:
-        raise RuntimeError("the whole denoiser is compiled (policy.compile()): call policy.compile(False) and "
-                           "set compile=True in the method config instead (per-block compile, no recompiles)")
-    blocks = find_blocks(policy.model, config.blocks)
-    plan = planner(config, policy, blocks)
-    plan.schedule.check_compatible([b.name for b in blocks], policy.sampler.kind, policy.sampler.num_steps,
-                                   policy.checkpoint_hash)
-    ctx = StepContext(policy.sampler.num_steps)
-    modules = dict(policy.model.named_modules())
-    hooks = [
-        BlockHook(modules[b.name], b, plan.schedule.mask(b.name), Forecaster(plan.order, plan.differences), ctx,
-                  compile=config.compile)
-        for b in blocks
-    ]
-    lossless_before = getattr(policy, "precompute_condition", None)
-    if lossless_before is not None:
-        policy.precompute_condition = config.lossless
-    policy.sampling_hooks.append(ctx)
-    policy.acceleration = Acceleration(config, plan, ctx, hooks, lossless_before)
-    return policy.acceleration
+    other = next((x for x in clock.listeners if isinstance(x, CacheHandle)), None)
+    if other is not None:
+        raise RuntimeError(f"already accelerated with {other.tag}; remove it first")
+    if clock.running:
+        raise RuntimeError("cannot attach a cache in the middle of a sampling pass")
+    return fn(denoiser, config, clock, binding, allow_unbound)
 
 
-def remove_acceleration(policy) -> None:
-    """Take every wrapper off and free the cache; the policy behaves exactly as before `accelerate`."""
-    acc = getattr(policy, "acceleration", None)
-    if acc is None:
-        return
-    for hook in acc.hooks:
-        hook.remove()
-    policy.sampling_hooks.remove(acc.ctx)
-    if acc.lossless_before is not None:
-        policy.precompute_condition = acc.lossless_before
-    policy.acceleration = None
+def config_to_dict(config) -> dict:
+    """A registered config as a plain dict ({"type": <class name>, field: value, ...})."""
+    if type(config) not in _ATTACH:
+        raise TypeError(f"unknown acceleration config {type(config).__name__}")
+    out = {"type": type(config).__name__}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, Schedule):
+            raise ValueError(f"{type(config).__name__}.{f.name} is a Schedule object: save it and give its path")
+        if f.name == "observations" and value is not None:
+            raise ValueError(f"{type(config).__name__}.observations does not serialise: calibrate and give the path")
+        out[f.name] = value
+    return out
+
+
+def config_from_dict(data: dict):
+    """The inverse of config_to_dict; unknown types or fields raise."""
+    data = dict(data)
+    name = data.pop("type", None)
+    types = {t.__name__: t for t in _ATTACH}
+    if name not in types:
+        raise ValueError(f"unknown acceleration config type {name!r}; known: {', '.join(types)}")
+    try:
+        return types[name](**data)
+    except TypeError as e:
+        raise ValueError(f"bad fields for {name}: {e}") from None

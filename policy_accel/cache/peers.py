@@ -1,9 +1,14 @@
 """Peers we did not write, run on our policies: diffusers' own cache hooks.
 
-    handle = apply_diffusers_taylorseer(policy, interval=4, order=1, warmup=3)
-    handle = apply_diffusers_first_block_cache(policy, threshold=0.05)
-    ...
+    pa.accelerate(policy, DiffusersTaylorSeerConfig(interval=4, order=1, warmup=3))
+    pa.accelerate(policy, DiffusersFBCConfig(threshold=0.05))
+    pa.accelerate(policy, DiffusersMagCacheConfig(ratios="<checkpoint>/schedules/magcache_ddpm100.json"))
+    handle = attach(denoiser, config, clock, binding)      # the same, on a bare denoiser
     handle.remove()
+
+They run on exactly the denoiser path ours run on (the per-chunk `prepare` with its exact K/V), and
+return the same kind of handle. Their state is kept per guidance branch through diffusers' own
+`cache_context(<branch>)`, switched as the clock's branch changes.
 
 TaylorSeer (`apply_taylorseer_cache`) wraps our sub-blocks by name. diffusers' conventions, mapped
 to ours (tests/test_cache_dp_t.py checks the mapping):
@@ -25,8 +30,8 @@ MagCache (`apply_mag_cache`) also works on whole layers: it skips the whole stac
 computed stack residual) while the error accumulated from per-step residual-norm ratios stays under
 `threshold`, at most `max_skip_steps` in a row, never in the first `retention_ratio` of the steps.
 The ratios come from its own calibration mode, run once per checkpoint, sampler and step count on
-demo observations (`calibrate_mag_ratios`; `python -m policy_accel.cache.calibrate ... magcache=true`
-writes <checkpoint>/schedules/magcache_<sampler><steps>.json). Its decisions depend on the ratios
+demo observations (`policy_accel.calibration.calibrate_mag_ratios`; `python -m policy_accel.calibration
+... magcache=true` writes <checkpoint>/schedules/magcache_<sampler><steps>.json). Its decisions depend on the ratios
 and the step only, not on the batch.
 
 All count their own calls to know the step, so their state is reset for every chunk.
@@ -53,8 +58,12 @@ from diffusers.hooks import (
 from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
 from diffusers.models.cache_utils import CacheMixin
 
+from policy_accel.cache.handle import CacheHandle
 from policy_accel.cache.hooks import find_blocks
-from policy_accel.cli import read_json, write_json
+from policy_accel.cache.methods import register_attach
+from policy_accel.cache.schedule import Binding
+from policy_accel.clock import COND, StepClock
+from policy_accel.jsonfile import read_json, write_json
 
 
 def diffusers_refresh_steps(num_steps: int, interval: int, warmup: int) -> list[int]:
@@ -62,66 +71,77 @@ def diffusers_refresh_steps(num_steps: int, interval: int, warmup: int) -> list[
     return [k for k in range(num_steps) if k < warmup or (k - warmup - 1) % interval == 0]
 
 
-class DiffusersCache:
-    """Sampling hook around one of diffusers' cache hooks on `policy.model`: keeps diffusers' cache
-    context set while a chunk is sampled, resets its state per chunk and takes its hooks off."""
+class DiffusersCache(CacheHandle):
+    """One of diffusers' cache hooks on a denoiser, driven by the clock: diffusers' cache context is
+    the clock's branch while a chunk is sampled, its state is reset per chunk, remove() takes it off."""
 
-    def __init__(self, policy, tag: str, hook_names: tuple[str, ...], batch_coupled: bool = False):
-        self.policy, self.model, self.tag, self.hook_names = policy, policy.model, tag, hook_names
+    def __init__(self, denoiser, config, tag: str, clock: StepClock, binding: Binding, hook_names: tuple[str, ...],
+                 batch_coupled: bool = False):
+        super().__init__(config, tag, clock, binding)
+        self.model, self.hook_names = denoiser, hook_names
         self.batch_coupled = batch_coupled  # decisions over the whole batch: the policy samples rows alone
         self._context = None
         # as diffusers' enable_cache does: the root's cached list of hooked submodules is stale now
         HookRegistry.check_if_exists_or_initialize(self.model).invalidate_child_registries_cache()
-        policy.sampling_hooks.append(self)
+        self._attach()
 
-    def _exit_context(self) -> None:
+    def _enter(self, branch: str) -> None:
+        self._exit()
+        self._context = CacheMixin.cache_context(self.model, branch)  # a context manager over a plain module
+        self._context.__enter__()
+
+    def _exit(self) -> None:
         if self._context is not None:
             self._context.__exit__(None, None, None)
             self._context = None
 
-    def begin_chunk(self, batch_size: int, timesteps: list[float]) -> None:
-        self.reset()
-        # CacheMixin.cache_context is a context manager over a plain module; enter it for the chunk
-        self._exit_context()
-        self._context = CacheMixin.cache_context(self.model, "cond")
-        self._context.__enter__()
+    def begin_chunk(self, batch_size: int, sampler_kind: str, timesteps) -> None:
+        super().begin_chunk(batch_size, sampler_kind, timesteps)
+        self._enter(COND)
 
-    def begin_step(self, step_index: int, t: float) -> None:
-        pass
+    def branch_changed(self, branch: str) -> None:
+        self._enter(branch)
+
+    def end_chunk(self) -> None:
+        self._exit()
 
     def reset(self) -> None:
         HookRegistry.check_if_exists_or_initialize(self.model).reset_stateful_hooks()
 
-    def remove(self) -> None:
-        self._exit_context()
+    def _detach(self) -> None:
+        self._exit()
         registry = HookRegistry.check_if_exists_or_initialize(self.model)
         for name in self.hook_names:
             registry.remove_hook(name, recurse=True)
         registry.invalidate_child_registries_cache()
-        self.policy.sampling_hooks.remove(self)
 
 
-def _check_free(policy) -> None:
-    if getattr(policy, "acceleration", None) is not None:
-        raise RuntimeError("remove our acceleration before applying diffusers' cache")
-    if any(isinstance(h, DiffusersCache) for h in policy.sampling_hooks):
-        raise RuntimeError("a diffusers cache is already applied; remove() it first")
+@dataclass
+class DiffusersTaylorSeerConfig:
+    """diffusers' TaylorSeer on the denoiser's cache blocks (our sub-blocks)."""
+
+    interval: int = 4
+    order: int = 1
+    warmup: int = 3
+    blocks: str | None = None
+
+    def __post_init__(self):
+        if self.interval < 1 or self.order < 0 or self.warmup < 0:
+            raise ValueError(f"need interval >= 1, order >= 0, warmup >= 0; got {self}")
+
+    @property
+    def tag(self) -> str:
+        return f"diffusers_taylorseer_n{self.interval}_o{self.order}_w{self.warmup}"
 
 
-def apply_diffusers_taylorseer(policy, interval: int = 4, order: int = 1, warmup: int = 3,
-                               blocks: str | None = None) -> DiffusersCache:
-    """diffusers' TaylorSeer on the policy's cache blocks (our sub-blocks); `.remove()` takes it off."""
-    _check_free(policy)
-    names = [b.name for b in find_blocks(policy.model, blocks)]
-    config = TaylorSeerCacheConfig(
-        cache_interval=interval,
-        disable_cache_before_step=warmup,
-        max_order=order,
-        taylor_factors_dtype=torch.float32,
-        cache_identifiers=[n.replace(".", r"\.") for n in names],
-    )
-    apply_taylorseer_cache(policy.model, config)
-    return DiffusersCache(policy, f"diffusers_taylorseer_n{interval}_o{order}_w{warmup}", ("taylorseer_cache",))
+@register_attach(DiffusersTaylorSeerConfig)
+def _attach_taylorseer(denoiser, cfg, clock, binding, allow_unbound) -> DiffusersCache:
+    names = [b.name for b in find_blocks(denoiser, cfg.blocks)]
+    config = TaylorSeerCacheConfig(cache_interval=cfg.interval, disable_cache_before_step=cfg.warmup,
+                                   max_order=cfg.order, taylor_factors_dtype=torch.float32,
+                                   cache_identifiers=[n.replace(".", r"\.") for n in names])
+    apply_taylorseer_cache(denoiser, config)
+    return DiffusersCache(denoiser, cfg, cfg.tag, clock, binding, ("taylorseer_cache",))
 
 
 def _layer_stack(model) -> torch.nn.Module:
@@ -136,13 +156,25 @@ def _layer_stack(model) -> torch.nn.Module:
     return stack
 
 
-def apply_diffusers_first_block_cache(policy, threshold: float = 0.05) -> DiffusersCache:
-    """diffusers' First Block Cache on the policy's whole layers; `.remove()` takes it off."""
-    if not threshold >= 0:
-        raise ValueError(f"threshold must be >= 0, got {threshold}")
-    _check_free(policy)
-    apply_first_block_cache(_layer_stack(policy.model), FirstBlockCacheConfig(threshold=threshold))
-    return DiffusersCache(policy, f"diffusers_fbc_t{threshold:g}", ("fbc_leader_block_hook", "fbc_block_hook"),
+@dataclass
+class DiffusersFBCConfig:
+    """diffusers' First Block Cache on the denoiser's whole layers."""
+
+    threshold: float = 0.05
+
+    def __post_init__(self):
+        if not self.threshold >= 0:
+            raise ValueError(f"threshold must be >= 0, got {self.threshold}")
+
+    @property
+    def tag(self) -> str:
+        return f"diffusers_fbc_t{self.threshold:g}"
+
+
+@register_attach(DiffusersFBCConfig)
+def _attach_fbc(denoiser, cfg, clock, binding, allow_unbound) -> DiffusersCache:
+    apply_first_block_cache(_layer_stack(denoiser), FirstBlockCacheConfig(threshold=cfg.threshold))
+    return DiffusersCache(denoiser, cfg, cfg.tag, clock, binding, ("fbc_leader_block_hook", "fbc_block_hook"),
                           batch_coupled=True)
 
 
@@ -159,13 +191,14 @@ class MagRatios:
     checkpoint_hash: str
     calibration: str = ""
 
-    def check_compatible(self, policy) -> None:
+    def check_compatible(self, binding: Binding) -> None:
         problems = []
-        if self.checkpoint_hash != policy.checkpoint_hash:
-            problems.append(f"made for checkpoint {self.checkpoint_hash[:12]}, policy is {policy.checkpoint_hash[:12]}")
-        if (self.sampler, self.num_steps) != (policy.sampler.kind, policy.sampler.num_steps):
+        if self.checkpoint_hash != binding.checkpoint_hash:
+            problems.append(f"made for checkpoint {self.checkpoint_hash[:12]}, "
+                            f"policy is {binding.checkpoint_hash[:12]}")
+        if (self.sampler, self.num_steps) != (binding.sampler, binding.num_steps):
             problems.append(f"made for {self.sampler} with {self.num_steps} steps, policy samples "
-                            f"{policy.sampler.kind} with {policy.sampler.num_steps}")
+                            f"{binding.sampler} with {binding.num_steps}")
         if len(self.ratios) != self.num_steps or not np.isfinite(self.ratios).all():
             problems.append(f"needs {self.num_steps} finite ratios, has {len(self.ratios)}")
         if problems:
@@ -188,34 +221,54 @@ def mag_ratios_name(sampler: str, num_steps: int) -> str:
     return f"magcache_{sampler}{num_steps}"
 
 
-def calibrate_mag_ratios(policy, observations: np.ndarray, description: str = "") -> MagRatios:
-    """MagCache's calibration mode on a batch of observation histories (B, n_obs_steps, obs_dim)."""
-    _check_free(policy)
-    steps = policy.sampler.num_steps
-    # one step more than the sampler takes: at its last step MagCache clears the ratios it recorded
-    stack = _layer_stack(policy.model)
-    apply_mag_cache(stack, MagCacheConfig(calibrate=True, num_inference_steps=steps + 1))
-    handle = DiffusersCache(policy, "diffusers_magcache_calibration", MAG_HOOKS)
-    try:
-        policy.predict_action_chunk(np.asarray(observations))
-        tail_hook = stack.layers[-1]._diffusers_hook.get_hook(MAG_HOOKS[1])
-        ratios = [float(r) for r in tail_hook.state_manager.get_state().calibration_ratios]
-    finally:
-        handle.remove()
-    return MagRatios(ratios, policy.sampler.kind, steps, policy.checkpoint_hash, description)
+@dataclass
+class DiffusersMagCacheConfig:
+    """diffusers' MagCache on the whole layer stack, with calibrated `ratios` (a MagRatios or its file)."""
+
+    ratios: MagRatios | str | Path
+    threshold: float = 0.06
+    max_skip_steps: int = 3
+    retention_ratio: float = 0.2
+
+    def __post_init__(self):
+        if not self.threshold >= 0:
+            raise ValueError(f"threshold must be >= 0, got {self.threshold}")
+        if not 0 <= self.retention_ratio < 1:
+            raise ValueError(f"retention_ratio must be in [0, 1), got {self.retention_ratio}")
+        if self.max_skip_steps < 1:
+            raise ValueError(f"max_skip_steps must be >= 1, got {self.max_skip_steps}")
+        if isinstance(self.ratios, Path):
+            self.ratios = str(self.ratios)
+
+    @property
+    def tag(self) -> str:
+        return f"diffusers_magcache_t{self.threshold:g}_k{self.max_skip_steps}_r{self.retention_ratio:g}"
 
 
-def apply_diffusers_mag_cache(policy, ratios: MagRatios, threshold: float = 0.06, max_skip_steps: int = 3,
-                              retention_ratio: float = 0.2) -> DiffusersCache:
-    """diffusers' MagCache on the policy's whole layers with calibrated `ratios`; `.remove()` takes it off."""
-    if not threshold >= 0:
-        raise ValueError(f"threshold must be >= 0, got {threshold}")
-    if not 0 <= retention_ratio < 1:
-        raise ValueError(f"retention_ratio must be in [0, 1), got {retention_ratio}")
-    _check_free(policy)
-    ratios.check_compatible(policy)
-    config = MagCacheConfig(threshold=threshold, max_skip_steps=max_skip_steps, retention_ratio=retention_ratio,
-                            num_inference_steps=ratios.num_steps, mag_ratios=torch.tensor(ratios.ratios))
-    apply_mag_cache(_layer_stack(policy.model), config)
-    tag = f"diffusers_magcache_t{threshold:g}_k{max_skip_steps}_r{retention_ratio:g}"
-    return DiffusersCache(policy, tag, MAG_HOOKS)
+@register_attach(DiffusersMagCacheConfig)
+def _attach_mag(denoiser, cfg, clock, binding, allow_unbound) -> DiffusersCache:
+    ratios = cfg.ratios if isinstance(cfg.ratios, MagRatios) else MagRatios.load(cfg.ratios)
+    ratios.check_compatible(binding)
+    config = MagCacheConfig(threshold=cfg.threshold, max_skip_steps=cfg.max_skip_steps,
+                            retention_ratio=cfg.retention_ratio, num_inference_steps=ratios.num_steps,
+                            mag_ratios=torch.tensor(ratios.ratios))
+    apply_mag_cache(_layer_stack(denoiser), config)
+    return DiffusersCache(denoiser, cfg, cfg.tag, clock, binding, MAG_HOOKS)
+
+
+class MagCalibration(DiffusersCache):
+    """MagCache's calibration mode for one chunk: `ratios()` after a chunk has been sampled."""
+
+    def __init__(self, denoiser, clock: StepClock, binding: Binding):
+        # one step more than the sampler takes: at its last step MagCache clears the ratios it recorded
+        self.stack = _layer_stack(denoiser)
+        apply_mag_cache(self.stack, MagCacheConfig(calibrate=True, num_inference_steps=binding.num_steps + 1))
+        super().__init__(denoiser, None, "diffusers_magcache_calibration", clock, binding, MAG_HOOKS)
+
+    def ratios(self) -> list[float]:
+        tail_hook = self.stack.layers[-1]._diffusers_hook.get_hook(MAG_HOOKS[1])
+        self._enter(COND)  # diffusers keeps the state per cache context
+        try:
+            return [float(r) for r in tail_hook.state_manager.get_state().calibration_ratios]
+        finally:
+            self._exit()

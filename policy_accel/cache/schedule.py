@@ -5,8 +5,8 @@
     forecast_acs_steps(gram, t, budget)         the same against the error of a linear forecast in t
     bubbling_union(steps, volatility, ffn, n)   BAC's Bubbling Union across layers
 
-A `Schedule` is bound to the checkpoint, sampler and step count it was made for; loading it onto
-anything else raises.
+A `Schedule` is bound to the checkpoint, sampler and step count it was made for (a `Binding`);
+attaching it to anything else raises.
 """
 
 from dataclasses import asdict, dataclass, field
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from policy_accel.cli import read_json, write_json
+from policy_accel.jsonfile import read_json, write_json
 
 FORMAT_VERSION = 1
 
@@ -146,6 +146,18 @@ def bubbling_union(
     return {name: sorted(s) for name, s in out.items()}
 
 
+@dataclass(frozen=True)
+class Binding:
+    """What a cache is attached for: the checkpoint's weights and the sampler that drives it."""
+
+    checkpoint_hash: str
+    sampler: str  # kind: ddpm | ddim | flow
+    num_steps: int
+
+    def __str__(self) -> str:
+        return f"{self.sampler}-{self.num_steps} on checkpoint {self.checkpoint_hash[:12] or '(none)'}"
+
+
 @dataclass
 class Schedule:
     """Per-block compute steps for one checkpoint, sampler and step count."""
@@ -177,17 +189,18 @@ class Schedule:
     def computed_fraction(self) -> float:
         return sum(len(s) for s in self.blocks.values()) / (len(self.blocks) * self.num_steps)
 
-    def check_compatible(self, block_names: list[str], sampler: str, num_steps: int, checkpoint_hash: str):
-        """Raise ValueError naming every mismatch between this schedule and a policy."""
+    def check_compatible(self, block_names: list[str], binding: "Binding", allow_unbound: bool = False) -> None:
+        """Raise ValueError naming every mismatch between this schedule and what it is attached for."""
         problems = []
-        if self.checkpoint_hash and checkpoint_hash and self.checkpoint_hash != checkpoint_hash:
-            problems.append(
-                f"made for checkpoint {self.checkpoint_hash[:12]}, policy is {checkpoint_hash[:12]}"
-            )
-        if self.sampler != sampler:
-            problems.append(f"made for sampler {self.sampler!r}, policy uses {sampler!r}")
-        if self.num_steps != num_steps:
-            problems.append(f"made for {self.num_steps} steps, policy samples {num_steps}")
+        if not self.checkpoint_hash and not allow_unbound:
+            problems.append("it names no checkpoint (empty checkpoint_hash; pass allow_unbound=True to use it anyway)")
+        elif self.checkpoint_hash and self.checkpoint_hash != binding.checkpoint_hash:
+            problems.append(f"made for checkpoint {self.checkpoint_hash[:12]}, "
+                            f"policy is {binding.checkpoint_hash[:12]}")
+        if self.sampler != binding.sampler:
+            problems.append(f"made for sampler {self.sampler!r}, policy uses {binding.sampler!r}")
+        if self.num_steps != binding.num_steps:
+            problems.append(f"made for {self.num_steps} steps, policy samples {binding.num_steps}")
         if set(self.blocks) != set(block_names):
             missing, extra = set(block_names) - set(self.blocks), set(self.blocks) - set(block_names)
             problems.append(f"block names differ (missing {sorted(missing)[:4]}, unknown {sorted(extra)[:4]})")

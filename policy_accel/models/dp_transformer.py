@@ -7,8 +7,12 @@ re-implemented nanoGPT-style with obs-as-condition and n_cond_layers=0.
     final LayerNorm + Linear -> epsilon (B, T, Da)
 
 The memory MLP works token by token, so the obs tokens (and their cross-attention keys/values in
-every layer) do not change across denoising steps: `encode_condition` computes them once per
-chunk and `forward` then only embeds the time token per step. Same outputs, less work.
+every layer) do not change across denoising steps: `prepare` computes them once per chunk (and,
+given the sampler's timesteps, the time token's K/V of every step), and `forward` runs the layers.
+
+    ctx = model.prepare(cond, timesteps)              # once per chunk (the Denoiser seam)
+    eps = model(x, t, ctx.at_step(k))                 # per sampling step
+    eps = model(x, t_batch, model.prepare(cond))      # training: one t per row
 """
 
 import math
@@ -17,6 +21,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn as nn
 
+from policy_accel.denoiser import Context
 from policy_accel.models.blocks import KV, CrossAttention, FeedForward, SelfAttention
 
 
@@ -47,7 +52,7 @@ class DPTransformerConfig:
 
 
 @dataclass
-class ConditionCache:
+class ConditionCache(Context):
     """Per-chunk condition: obs memory tokens after the MLP and every layer's cross-attention K/V;
     optionally the time token's per-layer K/V for each timestep the sampler will visit."""
 
@@ -105,6 +110,7 @@ class Decoder(nn.Module):
 
 
 class DPTransformer(nn.Module):
+    prediction = "epsilon"
     cache_blocks = r"decoder\.layers\.\d+\.(self_attn|cross_attn|ff)"  # what the cache engine may wrap
     block_stack = "decoder"  # its `layers` are the whole layers (diffusers' block-level caches wrap those)
 
@@ -171,13 +177,12 @@ class DPTransformer(nn.Module):
         tok = self.cond_obs_emb(cond) + self.cond_pos_emb[:, 1:]
         return self.cond_mlp(self.drop(tok))
 
-    def encode_condition(self, cond: torch.Tensor, timesteps: list[float] | None = None) -> ConditionCache:
+    def prepare(self, cond: torch.Tensor, timesteps: list[float] | None = None) -> ConditionCache:
         """Everything about the condition that stays fixed across denoising steps (once per chunk).
 
         With `timesteps` (the sampler's t values) the time token's K/V are also computed for all
-        steps in one batch, used through `cache.at_step(k)`: less work per step, equal to per-step
-        computation up to float rounding (a batched matmul rounds differently); without them the
-        cached path is bit-identical.
+        steps in one batch, used through `ctx.at_step(k)`: less work per step, equal to per-step
+        computation up to float rounding (a batched matmul rounds differently).
         """
         tokens = self._obs_memory(cond)
         cache = ConditionCache(tokens, [layer.cross_attn.kv(tokens) for layer in self.decoder.layers])
@@ -186,13 +191,12 @@ class DPTransformer(nn.Module):
             cache.time_kv = [[(k[i:i + 1], v[i:i + 1]) for k, v in per_layer] for i in range(len(timesteps))]
         return cache
 
-    def forward(self, sample: torch.Tensor, timestep, cond: torch.Tensor | ConditionCache) -> torch.Tensor:
-        """sample (B, T, Da), timestep scalar or (B,), cond (B, To, cond_dim) or its ConditionCache
-        -> epsilon (B, T, Da)."""
+    def forward(self, sample: torch.Tensor, timestep, cond: ConditionCache) -> torch.Tensor:
+        """sample (B, T, Da), timestep scalar or (B,), cond made by `prepare` -> epsilon (B, T, Da)."""
         B, T, _ = sample.shape
         if not isinstance(cond, ConditionCache):
-            cond = self.encode_condition(cond)  # reference path: the condition is recomputed every step
-        elif cond.batch_size != B:
+            raise TypeError(f"cond must be the ConditionCache made by prepare(), got {type(cond).__name__}")
+        if cond.batch_size != B:
             raise ValueError(f"condition cache is for batch {cond.batch_size}, sample has batch {B}")
         if cond.step_kv is not None:
             time_kv = cond.step_kv

@@ -5,10 +5,10 @@ BAC schedules from it.
     sched.save("checkpoints/lift_dp_t/schedules/bac_s10.json")
 
 CLI (observations from the checkpoint's demo dataset; one profile, one schedule per budget x bubble_blocks):
-    python -m policy_accel.cache.calibrate checkpoint=checkpoints/lift_dp_t budget=10 [bubble_blocks=5]
-    python -m policy_accel.cache.calibrate checkpoint=... 'budget=[5,10,20]' 'bubble_blocks=[0,5]' sampler=ddim steps=20
-    python -m policy_accel.cache.calibrate checkpoint=... budget=10 forecast_order=1   # for BAC+Taylor order 1
-    python -m policy_accel.cache.calibrate checkpoint=... magcache=true   # diffusers' MagCache ratios instead
+    python -m policy_accel.calibration checkpoint=checkpoints/lift_dp_t budget=10 [bubble_blocks=5]
+    python -m policy_accel.calibration checkpoint=... 'budget=[5,10,20]' 'bubble_blocks=[0,5]' sampler=ddim steps=20
+    python -m policy_accel.calibration checkpoint=... budget=10 forecast_order=1   # for BAC+Taylor order 1
+    python -m policy_accel.calibration checkpoint=... magcache=true   # diffusers' MagCache ratios instead
 
 forecast_order=0 (default) is BAC's criterion: choose the steps that minimise the reuse error (cosine).
 forecast_order=1 chooses them against the error of the linear forecast that BAC+Taylor order 1 makes
@@ -22,11 +22,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import MISSING
 from tqdm import tqdm
 
 from policy_accel.cache.hooks import BlockInfo, find_blocks
+from policy_accel.cache.peers import MagCalibration, MagRatios, mag_ratios_name
 from policy_accel.cache.schedule import Schedule, acs_steps, bubbling_union, forecast_acs_steps
+from policy_accel.clock import ClockListener
+from policy_accel.recipes import schedule_name
 
 
 @dataclass
@@ -44,11 +46,10 @@ class BlockProfile:
 STABILITY_SAMPLES = 8  # observations whose own forecast-criterion schedules measure stability (K^3 DP each)
 
 
-class _StepRecorder:
-    """Sampling hook + forward hooks collecting each block's output per step: feats[name][k] = (B, D)."""
+class _StepRecorder(ClockListener):
+    """Clock listener + forward hooks collecting each block's output per step: feats[name][k] = (B, D)."""
 
     def __init__(self, model: torch.nn.Module, blocks: list[BlockInfo]):
-        self.step = 0
         self.feats: dict[str, list[torch.Tensor]] = {b.name: [] for b in blocks}
         modules = dict(model.named_modules())
         self.handles = [modules[b.name].register_forward_hook(self._hook(b.name)) for b in blocks]
@@ -59,16 +60,10 @@ class _StepRecorder:
 
         return record
 
-    def begin_chunk(self, batch_size, timesteps):
-        self.timesteps = [float(t) for t in timesteps]
+    def begin_chunk(self, batch_size, sampler_kind, timesteps):
+        self.timesteps = list(timesteps)
         for f in self.feats.values():
             f.clear()
-
-    def begin_step(self, step_index, t):
-        self.step = step_index
-
-    def reset(self):
-        pass
 
     def remove(self):
         for h in self.handles:
@@ -85,12 +80,17 @@ def _check_forecast_order(forecast_order: int) -> None:
         raise ValueError(f"forecast_order must be 0 (reuse error) or 1 (linear forecast error), got {forecast_order}")
 
 
-def profile_blocks(policy, observations: list, blocks: list[BlockInfo], batch_size: int = 8) -> BlockProfile:
-    """Run the uncached policy on `observations` and collect per-block similarity and volatility."""
+def profile_blocks(policy, observations: list, blocks: list[BlockInfo], batch_size: int = 8,
+                   seed: int = 0) -> BlockProfile:
+    """Run the uncached policy on `observations` and collect per-block similarity and volatility.
+    The sampling noise comes from `seed` (the same profile every time); the policy's own noise
+    generator is left as it was."""
     if not observations:
         raise ValueError("calibration needs at least one observation")
+    generator_state = policy.generator.get_state()
+    policy.generator.manual_seed(seed)
     recorder = _StepRecorder(policy.model, blocks)
-    policy.sampling_hooks.append(recorder)
+    policy.clock.listeners.append(recorder)
     sims = {b.name: [] for b in blocks}
     gram_sum = {b.name: 0.0 for b in blocks}
     grams = {b.name: [] for b in blocks}  # per observation, the first STABILITY_SAMPLES only
@@ -113,8 +113,9 @@ def profile_blocks(policy, observations: list, blocks: list[BlockInfo], batch_si
                     vol_sum[name] += float(dist.sum() / (K * (K - 1))) if K > 1 else 0.0
     finally:
         recorder.remove()
-        policy.sampling_hooks.remove(recorder)
+        policy.clock.listeners.remove(recorder)
         policy.reset()
+        policy.generator.set_state(generator_state)
     n = len(observations)
     return BlockProfile(
         similarity={name: np.mean(s, axis=0) for name, s in sims.items()},
@@ -132,7 +133,7 @@ def _jaccard(a: list[int], b: list[int]) -> float:
 
 
 def calibrate(policy, observations: list, budget: int, bubble_blocks: int = 5, blocks: str | None = None,
-              batch_size: int = 8, description: str = "", forecast_order: int = 0) -> Schedule:
+              batch_size: int = 8, description: str = "", forecast_order: int = 0, seed: int = 0) -> Schedule:
     """BAC schedule for `policy`: ACS per block on the mean similarity (forecast_order=0) or on the
     order-1 forecast error (forecast_order=1), then the Bubbling Union.
 
@@ -140,13 +141,13 @@ def calibrate(policy, observations: list, budget: int, bubble_blocks: int = 5, b
     (mean Jaccard index between the per-observation ACS steps and the aggregate ones).
     """
     infos = _check_uncached(policy, blocks, [budget], forecast_order)
-    profile = profile_blocks(policy, observations, infos, batch_size)
+    profile = profile_blocks(policy, observations, infos, batch_size, seed)
     return schedule_from_profile(policy, profile, infos, budget, bubble_blocks, description, forecast_order)
 
 
 def _check_uncached(policy, blocks: str | None, budgets: list[int], forecast_order: int = 0) -> list[BlockInfo]:
     _check_forecast_order(forecast_order)
-    if getattr(policy, "acceleration", None) is not None:
+    if policy.cache is not None:
         raise RuntimeError("calibrate an uncached policy: call pa.remove_acceleration(policy) first")
     num_steps = policy.sampler.num_steps
     for budget in budgets:
@@ -196,9 +197,21 @@ def schedule_from_profile(policy, profile: BlockProfile, infos: list[BlockInfo],
     )
 
 
-def schedule_name(budget: int, bubble_blocks: int, sampler: str, num_steps: int, forecast_order: int = 0) -> str:
-    """File stem under <checkpoint>/schedules/ that eval/methods.py looks up."""
-    return f"bac_s{budget}_b{bubble_blocks}_{sampler}{num_steps}" + (f"_f{forecast_order}" if forecast_order else "")
+def calibrate_mag_ratios(policy, observations: np.ndarray, description: str = "", seed: int = 0) -> MagRatios:
+    """MagCache's calibration mode on a batch of observation histories (B, n_obs_steps, obs_dim)."""
+    if policy.cache is not None:
+        raise RuntimeError("calibrate an uncached policy: call pa.remove_acceleration(policy) first")
+    binding = policy.binding()
+    generator_state = policy.generator.get_state()
+    policy.generator.manual_seed(seed)
+    handle = MagCalibration(policy.model, policy.clock, binding)
+    try:
+        policy.predict_action_chunk(np.asarray(observations))
+        ratios = handle.ratios()
+    finally:
+        handle.remove()
+        policy.generator.set_state(generator_state)
+    return MagRatios(ratios, binding.sampler, binding.num_steps, binding.checkpoint_hash, description)
 
 
 def demo_observations(dataset, n: int, n_obs_steps: int, seed: int = 0) -> list[np.ndarray]:
@@ -215,7 +228,7 @@ def demo_observations(dataset, n: int, n_obs_steps: int, seed: int = 0) -> list[
 
 @dataclass
 class CalibrateConfig:
-    checkpoint: str = MISSING
+    checkpoint: str | None = None  # required
     budget: Any = 10  # an int or a list: one schedule per (budget, bubble_blocks)
     bubble_blocks: Any = 5
     sampler: str | None = None  # ddpm | ddim; default the checkpoint's native sampler
@@ -233,7 +246,7 @@ class CalibrateConfig:
 
 
 def _is_current(path: Path, checkpoint_hash: str) -> bool:
-    from policy_accel.cli import read_json
+    from policy_accel.jsonfile import read_json
 
     try:
         return read_json(path, "calibration").get("checkpoint_hash") == checkpoint_hash
@@ -247,6 +260,8 @@ def run(argv: list[str]) -> list[Path]:
     from policy_accel.sampling import SamplerConfig
 
     cfg = load_config(CalibrateConfig, argv, None)
+    if not cfg.checkpoint:
+        raise SystemExit("checkpoint=<folder> is required (e.g. checkpoint=checkpoints/lift_dp_t)")
     torch.set_num_threads(cfg.num_threads)
     budgets = [cfg.budget] if isinstance(cfg.budget, int) else list(cfg.budget)
     bubbles = [cfg.bubble_blocks] if isinstance(cfg.bubble_blocks, int) else list(cfg.bubble_blocks)
@@ -256,8 +271,6 @@ def run(argv: list[str]) -> list[Path]:
     sampler = policy.sampler
     out_dir = Path(cfg.out_dir or Path(cfg.checkpoint) / "schedules")
     if cfg.magcache:
-        from policy_accel.cache.peers import mag_ratios_name
-
         paths = [out_dir / f"{mag_ratios_name(sampler.kind, sampler.num_steps)}.json"]
     else:
         paths = [out_dir / f"{schedule_name(b, bb, sampler.kind, sampler.num_steps, cfg.forecast_order)}.json"
@@ -271,14 +284,12 @@ def run(argv: list[str]) -> list[Path]:
     obs = demo_observations(dataset, cfg.observations, policy.config.n_obs_steps, cfg.seed)
     description = f"{len(obs)} observation histories drawn from {dataset} (seed {cfg.seed})"
     if cfg.magcache:
-        from policy_accel.cache.peers import calibrate_mag_ratios
-
-        ratios = calibrate_mag_ratios(policy, np.stack(obs), description)
+        ratios = calibrate_mag_ratios(policy, np.stack(obs), description, cfg.seed)
         ratios.save(paths[0])
         print(f"{paths[0]}: {ratios.num_steps} MagCache ratios, {min(ratios.ratios):.3f} to {max(ratios.ratios):.3f}")
         return paths
     infos = _check_uncached(policy, cfg.blocks, budgets, cfg.forecast_order)
-    profile = profile_blocks(policy, obs, infos, cfg.batch_size)
+    profile = profile_blocks(policy, obs, infos, cfg.batch_size, cfg.seed)
     written = []
     for (budget, bubble), path in zip([(b, bb) for b in budgets for bb in bubbles], paths, strict=True):
         sched = schedule_from_profile(policy, profile, infos, budget, bubble, description, cfg.forecast_order)

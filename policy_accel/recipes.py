@@ -1,0 +1,193 @@
+"""Method strings: one compact name per benchmark setting, resolved into a sampler, a cache config
+and (for BAC and MagCache) the checkpoint's calibrated file, found by name.
+
+    pa.accelerate(policy, "bac_taylor5o1f@ddim20")     # DDIM-20 + BAC+Taylor o1 on the shipped schedule
+    pa.accelerate(policy, "ddim10")                    # step reduction only
+    pa.remove_acceleration(policy)                     # back to the native sampler, no cache
+
+Grammar: [compile+]<method>[@ddim<K>]
+
+    uncached                 the checkpoint's native sampler (DDPM-100 for DP-T), no cache
+    ddim10                   DDIM with 10 steps (step reduction, the baseline frontier)
+    every_step               hooks on every block, all compute (measures the hook overhead)
+    uniform5                 reuse, all blocks refresh every 5 steps
+    taylorseer4o2            Taylor forecast (order 2), uniform refresh every 4 steps
+    bac10 / bac10nb          BAC schedule with budget 10, with / without the Bubbling Union (5 blocks)
+    bac_taylor10o2           BAC schedule + Taylor forecast of order 2 (ours)
+    bac_taylor10o1f          ours, order 1, on a schedule calibrated against the order-1 forecast error
+    diffusers_taylorseer4o1  diffusers' own TaylorSeer hook (warm-up 3)
+    diffusers_fbc0.05        diffusers' First Block Cache on whole layers, threshold 0.05 (dynamic)
+    diffusers_magcache0.06   diffusers' MagCache, threshold 0.06, at most 3 skips in a row (k9: 9),
+                             no skips in the first 20% of the steps (r0.05: 5%)
+    <method>@ddim20          the same on top of DDIM-20
+    compile / compile+ddim10 torch.compile of the whole denoiser (one graph)
+    compile+<method>         the method with each block's computation compiled
+
+Each family is one registered `Recipe`: a pattern and a function building its config; a new family
+touches nothing else. BAC files live at <checkpoint>/schedules/<schedule_name(...)>.json, MagCache's at
+<checkpoint>/schedules/magcache_<sampler><steps>.json (both made by `python -m policy_accel.calibration`).
+"""
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from policy_accel.cache import (
+    BACConfig,
+    BACTaylorConfig,
+    DiffusersFBCConfig,
+    DiffusersMagCacheConfig,
+    DiffusersTaylorSeerConfig,
+    EveryStepConfig,
+    TaylorSeerConfig,
+    UniformConfig,
+)
+from policy_accel.cache.peers import mag_ratios_name
+from policy_accel.sampling import SamplerConfig
+
+BUBBLE_BLOCKS = 5
+DIFFUSERS_WARMUP = 3
+
+
+def schedule_name(budget: int, bubble_blocks: int, sampler: str, num_steps: int, forecast_order: int = 0) -> str:
+    """File stem of a BAC schedule under <checkpoint>/schedules/."""
+    return f"bac_s{budget}_b{bubble_blocks}_{sampler}{num_steps}" + (f"_f{forecast_order}" if forecast_order else "")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    family: str
+    pattern: str
+    build: Callable | None  # (params, file, compile) -> cache config; None: no cache (uncached, ddim)
+    file: Callable | None = None  # (params, sampler) -> file stem under <checkpoint>/schedules/
+    calibrate: Callable | None = None  # (params, sampler) -> the calibration command's own arguments
+    ours: bool = True  # compile+ applies to our configs only
+
+
+RECIPES: dict[str, Recipe] = {}
+
+
+def register_recipe(recipe: Recipe) -> Recipe:
+    RECIPES[recipe.family] = recipe
+    return recipe
+
+
+def _bac_file(p, s):
+    return schedule_name(p["budget"], 0 if p["nb"] else BUBBLE_BLOCKS, s.kind, s.num_steps, 1 if p["f"] else 0)
+
+
+def _bac_args(p, s):
+    return (f"budget={p['budget']} bubble_blocks={0 if p['nb'] else BUBBLE_BLOCKS} sampler={s.kind} "
+            f"steps={s.num_steps}" + (" forecast_order=1" if p["f"] else ""))
+
+
+for _r in [
+    Recipe("uncached", r"uncached", None),
+    Recipe("ddim", r"ddim(?P<steps>\d+)", None),
+    Recipe("every_step", r"every_step", lambda p, f, c: EveryStepConfig(compile=c)),
+    Recipe("uniform", r"uniform(?P<interval>\d+)", lambda p, f, c: UniformConfig(p["interval"], compile=c)),
+    Recipe("taylorseer", r"taylorseer(?P<interval>\d+)o(?P<order>\d+)",
+           lambda p, f, c: TaylorSeerConfig(p["interval"], p["order"], compile=c)),
+    Recipe("bac", r"bac(?P<budget>\d+)(?P<nb>nb)?(?P<f>)", lambda p, f, c: BACConfig(schedule=f, compile=c),
+           _bac_file, _bac_args),
+    Recipe("bac_taylor", r"bac_taylor(?P<budget>\d+)o(?P<order>\d+)(?P<nb>nb)?(?P<f>f)?",
+           lambda p, f, c: BACTaylorConfig(schedule=f, order=p["order"], compile=c), _bac_file, _bac_args),
+    Recipe("diffusers_taylorseer", r"diffusers_taylorseer(?P<interval>\d+)o(?P<order>\d+)",
+           lambda p, f, c: DiffusersTaylorSeerConfig(p["interval"], p["order"], DIFFUSERS_WARMUP), ours=False),
+    Recipe("diffusers_fbc", r"diffusers_fbc(?P<threshold>\d+\.\d+)",
+           lambda p, f, c: DiffusersFBCConfig(p["threshold"]), ours=False),
+    Recipe("diffusers_magcache", r"diffusers_magcache(?P<threshold>\d+\.\d+)(k(?P<max_skip>\d+))?"
+                                 r"(r(?P<retention>\d+\.\d+))?",
+           lambda p, f, c: DiffusersMagCacheConfig(f, p["threshold"], p["max_skip"] or 3, p["retention"] or 0.2),
+           lambda p, s: mag_ratios_name(s.kind, s.num_steps),
+           lambda p, s: f"magcache=true sampler={s.kind} steps={s.num_steps}", ours=False),
+]:
+    register_recipe(_r)
+
+
+@dataclass(frozen=True)
+class Method:
+    """A parsed method string."""
+
+    spec: str
+    family: str
+    params: dict
+    base_steps: int | None  # DDIM steps underneath (None: the native sampler)
+    compiled: bool = False
+
+    @property
+    def recipe(self) -> Recipe:
+        return RECIPES[self.family]
+
+    @property
+    def name(self) -> str:
+        """The `method` field of results: uncached, ddim, uniform, ..., compile, compile+bac."""
+        if self.compiled:
+            return "compile" if self.family == "uncached" else f"compile+{self.family}"
+        return self.family
+
+    def sampler(self, native: SamplerConfig) -> SamplerConfig:
+        steps = self.params["steps"] if self.family == "ddim" else self.base_steps
+        if steps is None:
+            return native
+        return SamplerConfig(kind="ddim", num_steps=steps, num_train_steps=native.num_train_steps)
+
+    def file(self, checkpoint_dir, native: SamplerConfig) -> Path | None:
+        """The calibrated file this method reads (None for methods without one)."""
+        if self.recipe.file is None:
+            return None
+        return Path(checkpoint_dir) / "schedules" / f"{self.recipe.file(self.params, self.sampler(native))}.json"
+
+    def calibrate_command(self, checkpoint_dir, native: SamplerConfig) -> str:
+        return (f"python -m policy_accel.calibration checkpoint={checkpoint_dir} "
+                f"{self.recipe.calibrate(self.params, self.sampler(native))}")
+
+    def config(self, checkpoint_dir, native: SamplerConfig):
+        """The cache config (None for uncached / ddim / compile alone); a missing file is an error that
+        lists the files there are and prints the command that makes this one."""
+        if self.recipe.build is None:
+            return None
+        path = self.file(checkpoint_dir, native)
+        if path is not None and not path.is_file():
+            there = sorted(p.name for p in path.parent.glob("*.json")) if path.parent.is_dir() else []
+            raise FileNotFoundError(f"method {self.spec!r} needs {path}, which does not exist (there: "
+                                    f"{', '.join(there) or 'nothing'}); make it with: "
+                                    f"{self.calibrate_command(checkpoint_dir, native)}")
+        return self.recipe.build(self.params, None if path is None else str(path), self.compiled)
+
+
+def _value(key: str, v: str | None):
+    if key in ("nb", "f"):
+        return bool(v)
+    if v is None:
+        return None
+    return float(v) if key in ("threshold", "retention") else int(v)
+
+
+def parse_method(spec: str) -> Method:
+    """Parse a method string; a typo is an error listing the families."""
+    if not isinstance(spec, str):
+        raise TypeError(f"a method string must be a str, got {type(spec).__name__}")
+    compiled = spec == "compile" or spec.startswith("compile+")
+    rest = "uncached" if spec == "compile" else spec.removeprefix("compile+")
+    body, _, base = rest.partition("@")
+    base_steps = None
+    if base:
+        m = re.fullmatch(r"ddim(\d+)", base)
+        if not m:
+            raise ValueError(f"method {spec!r}: only '@ddim<K>' may follow a method, got '@{base}'")
+        base_steps = int(m.group(1))
+    for family, recipe in RECIPES.items():
+        m = re.fullmatch(recipe.pattern, body)
+        if not m:
+            continue
+        if recipe.build is None and base:
+            raise ValueError(f"method {spec!r}: '@ddim' combines with cache methods only")
+        if compiled and not recipe.ours:
+            raise ValueError(f"method {spec!r}: compile combines with our methods only")
+        params = {k: _value(k, v) for k, v in m.groupdict().items()}
+        if params.get("f") and params["order"] != 1:
+            raise ValueError(f"method {spec!r}: 'f' (schedule calibrated against the order-1 forecast) needs order 1")
+        return Method(spec, family, params, base_steps, compiled)
+    raise ValueError(f"unknown method {spec!r}; expected one of: {', '.join(RECIPES)} (see policy_accel/recipes.py)")
