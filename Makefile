@@ -27,11 +27,11 @@ test-all: $(STAMP)
 rollout: $(STAMP)
 	$(PY) eval/rollout.py
 
-# After `python -m policy_accel.train env=<task>`: the schedules configs/sweep.yaml needs, the card's
+# After `python eval/train.py env=<task>`: the schedules configs/sweep.yaml needs, the card's
 # 100-episode rollout, and the card.  make -j2 ship-lift  (calibration and rollout run side by side;
 # needs data/<task>.zarr and runs/<task>_dp_t; rerun after an interruption: finished parts are kept)
 # skip_current: a calibration whose files exist for these weights is not redone (retraining redoes all)
-CALIBRATE = $(PY) -m policy_accel.calibration num_threads=1 skip_current=true checkpoint=checkpoints/$*_dp_t
+CALIBRATE = $(PY) eval/calibrate.py num_threads=1 skip_current=true checkpoint=checkpoints/$*_dp_t
 .PHONY: schedules-% card-rollout-%
 schedules-%: $(STAMP)
 	$(CALIBRATE) 'budget=[5,7,10,20]' 'bubble_blocks=[0,5]'

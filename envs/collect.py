@@ -1,17 +1,13 @@
 """Collect scripted-expert demos into a zarr dataset.
 
-    python -m envs.collect env=lift episodes=200 seed=0 [noise=0.05] [out=data/lift.zarr] [overwrite=true]
+    python eval/collect.py env=lift episodes=200 seed=0 [noise=0.05] [out=data/lift.zarr] [overwrite=true]
 
 Attempt i runs env seed `seed + i` with an expert seed derived from it. DART-style: the env
 executes the expert action plus Gaussian noise (gripper dims excluded, clipped to [-1, 1]),
 the dataset records the expert's clean action. Only successful episodes are kept, each cut
 `steps_after_success` steps after its first success. Same command -> identical data.
-
-Options are `key=value` overrides of configs/collect.yaml (OmegaConf dotlist syntax). This is
-not a hydra main on purpose: hydra would read `env=...` as a choice of the configs/env/ group.
 """
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +16,6 @@ from tqdm import tqdm
 
 import envs
 from envs.dataset import DatasetWriter, package_version
-from policy_accel.cli import load_config
 
 
 @dataclass
@@ -125,15 +120,3 @@ def _collect_into(writer, env_name, episodes, seed, noise, max_attempts, steps_a
     }
     env.close()
     return attrs
-
-
-def main(argv: list[str] | None = None):
-    argv = sys.argv[1:] if argv is None else argv
-    cfg = load_config(CollectConfig, argv, "collect.yaml")
-    path = collect(cfg.env, cfg.episodes, cfg.seed, cfg.noise, cfg.out, cfg.overwrite, cfg.max_attempts,
-                   cfg.steps_after_success, command="python -m envs.collect " + " ".join(argv))
-    print(f"wrote {path}")
-
-
-if __name__ == "__main__":
-    main()

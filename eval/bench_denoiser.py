@@ -22,9 +22,9 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python eval/bench_denoiser.py` from the root
 
 import policy_accel as pa  # noqa: E402
+from eval.cli import hydra_app  # noqa: E402
 from eval.methods import apply_method, parse_method  # noqa: E402
 from policy_accel.calibration import demo_observations  # noqa: E402
-from policy_accel.cli import load_config  # noqa: E402
 from policy_accel.jsonfile import write_json  # noqa: E402
 
 
@@ -111,8 +111,8 @@ def bench(cfg: BenchConfig) -> dict:
             "threads": torch.get_num_threads(), "config": asdict(cfg), "results": rows}
 
 
-def main(argv: list[str] | None = None) -> dict:
-    cfg = load_config(BenchConfig, sys.argv[1:] if argv is None else argv, None)
+@hydra_app(BenchConfig, "bench")
+def main(cfg: BenchConfig) -> dict:
     result = bench(cfg)
     print(f"{cfg.checkpoint}: batch 1, {result['threads']} thread(s), torch {result['torch']}; "
           f"median of {cfg.rounds * cfg.repeats} chunks per method, interleaved")

@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python eval/card.py` from the repo root
 
 import policy_accel as pa  # noqa: E402
-from policy_accel.cli import load_config  # noqa: E402
+from eval.cli import hydra_app  # noqa: E402
 
 
 @dataclass
@@ -87,7 +87,7 @@ def render(cfg: CardConfig) -> str:
         f"demonstrations (seeds from 0), {info.get('n_windows')} training windows.",
         "",
         "## Training",
-        f"- `python -m policy_accel.train env={info['env']}` (configs/train.yaml): {info.get('train_steps')} steps, "
+        f"- `python eval/train.py env={info['env']}` (configs/train.yaml): {info.get('train_steps')} steps, "
         f"{training_hours(Path(cfg.run_dir) / 'log.jsonl'):.1f} h of compute{_run_scope(info)} on this 2-core CPU "
         "(1-2 threads, at times sharing the machine with other jobs; includes steps redone after restarts).",
         *_segment_lines(info.get("train_segments") or []),
@@ -141,8 +141,8 @@ def _rollout_command(summary: dict) -> str:
             f"episodes={c['episodes']} seed={c['seed']} num_envs={c['num_envs']}")
 
 
-def main(argv: list[str] | None = None) -> Path:
-    cfg = load_config(CardConfig, sys.argv[1:] if argv is None else argv, None)
+@hydra_app(CardConfig, "card")
+def main(cfg: CardConfig) -> Path:
     out = Path(cfg.checkpoint) / "card.md"
     out.write_text(render(cfg))
     print(f"wrote {out}")

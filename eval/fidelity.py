@@ -28,10 +28,10 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python eval/fidelity.py` from the root
 
 import policy_accel as pa  # noqa: E402
+from eval.cli import hydra_app  # noqa: E402
 from eval.methods import Method, apply_method, parse_method  # noqa: E402
 from eval.report import FAMILY_STYLE  # noqa: E402
 from policy_accel.calibration import demo_observations  # noqa: E402
-from policy_accel.cli import load_config  # noqa: E402
 from policy_accel.jsonfile import write_json  # noqa: E402
 
 
@@ -133,8 +133,8 @@ def plot(result: dict, out: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    cfg = load_config(FidelityConfig, sys.argv[1:] if argv is None else argv, None)
+@hydra_app(FidelityConfig, "fidelity")
+def main(cfg: FidelityConfig) -> dict:
     result = fidelity(cfg)
     print(f"{cfg.checkpoint}: {result['observations']} demo observation histories, same noise for every method")
     head = (f"{'method':<26}{'FLOPs':>7}{'base':>10}{'|Δa| vs base':>14}{'|Δa| vs native':>16}"

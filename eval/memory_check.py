@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python eval/mem
 
 import envs  # noqa: E402
 import policy_accel as pa  # noqa: E402
+from eval.cli import hydra_app  # noqa: E402
 from eval.methods import apply_method, parse_method  # noqa: E402
-from policy_accel.cli import load_config  # noqa: E402
 
 
 @dataclass
@@ -34,8 +34,8 @@ class MemoryConfig:
     num_threads: int = 1
 
 
-def main(argv: list[str] | None = None) -> dict:
-    cfg = load_config(MemoryConfig, sys.argv[1:] if argv is None else argv, None)
+@hydra_app(MemoryConfig, "memory_check")
+def main(cfg: MemoryConfig) -> dict:
     torch.set_num_threads(cfg.num_threads)
     policy = pa.load_policy(cfg.checkpoint)
     apply_method(policy, parse_method(cfg.method), cfg.checkpoint)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python eval/report.py` from the repo root
 
-from policy_accel.cli import load_config  # noqa: E402
+from eval.cli import hydra_app  # noqa: E402
 
 FAMILY_STYLE = {  # method family -> (colour, marker)
     "uncached": ("black", "s"), "ddim": ("black", "o"), "lossless": ("grey", "D"),
@@ -161,8 +161,8 @@ class ReportConfig:
     table: bool = False
 
 
-def main(argv: list[str] | None = None) -> None:
-    cfg = load_config(ReportConfig, sys.argv[1:] if argv is None else argv, None)
+@hydra_app(ReportConfig, "report")
+def main(cfg: ReportConfig) -> None:
     rows = load_rows(cfg.summary)
     for task in sorted({r["task"] for r in rows}):
         print(f"wrote {plot_task(cfg.summary, task, cfg.out_dir)}")

@@ -1,13 +1,15 @@
 """Closed-loop evaluation: task success and control-loop latency of one policy, per method.
 
     python eval/rollout.py                      # configs/rollout.yaml: Lift, shipped checkpoint, six methods
-    python eval/rollout.py checkpoint=checkpoints/can_dp_t episodes=100 'methods=[uncached,ddim10,bac10]'
+    python eval/rollout.py policy=can method=uniform5@ddim10 episodes=100
+    python eval/rollout.py policy=can episodes=100 'methods=[uncached,ddim10,bac10]'
+    python eval/rollout.py -m method=ddim2,ddim10,uniform5@ddim10   # hydra multirun: one job per method
 
 Every method runs on the same test seeds (`seed`, `seed + 1`, ...; demos use seeds from 0). Success:
 episodes run in lockstep batches of up to `num_envs` (a gymnasium SyncVectorEnv, batched inference),
 success = task success at any step. Latency: one chunk at batch 1 (observation history in -> actions
 out) on the same recorded observations and noise for every method, timed in interleaved rounds in
-this process (eval/bench_denoiser.time_methods). Method strings are listed in eval/methods.py.
+this process (eval/bench_denoiser.time_methods). Method strings: policy_accel/recipes.py.
 Prints a table; writes a JSON summary.
 """
 
@@ -29,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python eval/rol
 import envs  # noqa: E402
 import policy_accel as pa  # noqa: E402
 from eval.bench_denoiser import time_methods  # noqa: E402
+from eval.cli import hydra_app  # noqa: E402
 from eval.methods import apply_method, parse_method  # noqa: E402
-from policy_accel.cli import load_config  # noqa: E402
 from policy_accel.jsonfile import write_json  # noqa: E402
 
 
@@ -38,6 +40,7 @@ from policy_accel.jsonfile import write_json  # noqa: E402
 class RolloutConfig:
     checkpoint: str = "checkpoints/lift_dp_t"
     methods: list[str] = field(default_factory=lambda: ["uncached", "ddim10"])  # configs/rollout.yaml: make rollout's
+    method: str | None = None  # one method string instead of `methods` (hydra multirun: -m method=a,b,c)
     episodes: int = 20
     seed: int = 100000  # first test seed
     num_envs: int = 20  # envs stepped in lockstep (batched inference)
@@ -53,6 +56,8 @@ class RolloutConfig:
         for name in ("episodes", "num_envs", "latency_rounds", "latency_repeats", "num_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.method is not None:
+            self.methods = [self.method]
         if not self.methods:
             raise ValueError("methods is empty")
         for spec in self.methods:
@@ -188,7 +193,7 @@ def evaluate(cfg: RolloutConfig) -> dict:
     torch.set_num_threads(cfg.num_threads)
     if not Path(cfg.checkpoint).is_dir():
         raise FileNotFoundError(f"no checkpoint directory {cfg.checkpoint}; train one with "
-                                f"`python -m policy_accel.train env=<task>` (see README)")
+                                f"`python eval/train.py env=<task>` (see README)")
     policy = pa.load_policy(cfg.checkpoint, device=cfg.device)
     spec = policy.config.info.get("env_spec")
     if not spec:
@@ -230,10 +235,10 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    cfg = load_config(RolloutConfig, sys.argv[1:] if argv is None else argv, "rollout.yaml")
+@hydra_app(RolloutConfig, "rollout")
+def main(cfg: RolloutConfig) -> dict:
     summary = evaluate(cfg)
-    out = Path(cfg.out or f"outputs/rollout_{summary['task']}.json")
+    out = Path(cfg.out or f"outputs/rollout_{summary['task']}" + (f"_{cfg.method}" if cfg.method else "") + ".json")
     write_json(out, summary)
     m = summary["machine"]
     print(f"{summary['task']}: {cfg.checkpoint}, seeds {summary['seeds'][0]}..{summary['seeds'][1]}, "

@@ -23,8 +23,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python eval/sweep.py` from the repo root
 
+from eval.cli import hydra_app  # noqa: E402
 from eval.methods import parse_method, schedule_digest  # noqa: E402
-from policy_accel.cli import load_config  # noqa: E402
 from policy_accel.jsonfile import write_json  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -238,8 +238,8 @@ def merge(cfg: SweepConfig, run_dir: Path, shards: list[list[int]], lat: dict) -
     return rows
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    cfg = load_config(SweepConfig, sys.argv[1:] if argv is None else argv, "sweep.yaml")
+@hydra_app(SweepConfig, "sweep")
+def main(cfg: SweepConfig) -> list[dict]:
     rows = run_sweep(cfg)
     if not rows:
         return rows

@@ -5,17 +5,16 @@ BAC schedules from it.
     sched.save("checkpoints/lift_dp_t/schedules/bac_s10.json")
 
 CLI (observations from the checkpoint's demo dataset; one profile, one schedule per budget x bubble_blocks):
-    python -m policy_accel.calibration checkpoint=checkpoints/lift_dp_t budget=10 [bubble_blocks=5]
-    python -m policy_accel.calibration checkpoint=... 'budget=[5,10,20]' 'bubble_blocks=[0,5]' sampler=ddim steps=20
-    python -m policy_accel.calibration checkpoint=... budget=10 forecast_order=1   # for BAC+Taylor order 1
-    python -m policy_accel.calibration checkpoint=... magcache=true   # diffusers' MagCache ratios instead
+    python eval/calibrate.py checkpoint=checkpoints/lift_dp_t budget=10 [bubble_blocks=5]
+    python eval/calibrate.py checkpoint=... 'budget=[5,10,20]' 'bubble_blocks=[0,5]' sampler=ddim steps=20
+    python eval/calibrate.py checkpoint=... budget=10 forecast_order=1   # for BAC+Taylor order 1
+    python eval/calibrate.py checkpoint=... magcache=true   # diffusers' MagCache ratios instead
 
 forecast_order=0 (default) is BAC's criterion: choose the steps that minimise the reuse error (cosine).
 forecast_order=1 chooses them against the error of the linear forecast that BAC+Taylor order 1 makes
 in the gaps (schedule.forecast_acs_steps).
 """
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -254,12 +253,11 @@ def _is_current(path: Path, checkpoint_hash: str) -> bool:
         return False
 
 
-def run(argv: list[str]) -> list[Path]:
-    from policy_accel.cli import load_config
+def run(cfg: CalibrateConfig) -> list[Path]:
+    """What `python eval/calibrate.py ...` does: profile once, write one file per (budget, bubble_blocks)."""
     from policy_accel.policy import load_policy
     from policy_accel.sampling import SamplerConfig
 
-    cfg = load_config(CalibrateConfig, argv, None)
     if not cfg.checkpoint:
         raise SystemExit("checkpoint=<folder> is required (e.g. checkpoint=checkpoints/lift_dp_t)")
     torch.set_num_threads(cfg.num_threads)
@@ -298,11 +296,3 @@ def run(argv: list[str]) -> list[Path]:
         print(f"{path}: computes {sched.computed_fraction():.1%} of block-steps, "
               f"stability (mean Jaccard) {sched.calibration['mean_jaccard_to_aggregate']:.2f}")
     return written
-
-
-def main(argv: list[str] | None = None) -> None:
-    run(sys.argv[1:] if argv is None else argv)
-
-
-if __name__ == "__main__":
-    main()

@@ -25,7 +25,7 @@ Grammar: [compile+]<method>[@ddim<K>]
 
 Each family is one registered `Recipe`: a pattern and a function building its config; a new family
 touches nothing else. BAC files live at <checkpoint>/schedules/<schedule_name(...)>.json, MagCache's at
-<checkpoint>/schedules/magcache_<sampler><steps>.json (both made by `python -m policy_accel.calibration`).
+<checkpoint>/schedules/magcache_<sampler><steps>.json (both made by `python eval/calibrate.py`).
 """
 
 import re
@@ -140,7 +140,7 @@ class Method:
         return Path(checkpoint_dir) / "schedules" / f"{self.recipe.file(self.params, self.sampler(native))}.json"
 
     def calibrate_command(self, checkpoint_dir, native: SamplerConfig) -> str:
-        return (f"python -m policy_accel.calibration checkpoint={checkpoint_dir} "
+        return (f"python eval/calibrate.py checkpoint={checkpoint_dir} "
                 f"{self.recipe.calibrate(self.params, self.sampler(native))}")
 
     def config(self, checkpoint_dir, native: SamplerConfig):

@@ -1,6 +1,7 @@
 """Train a DP-T policy on a zarr demo dataset (Diffusion Policy's recipe).
 
-    python -m policy_accel.train env=lift [steps=10000 batch_size=128 model.n_layer=8 ...]
+    python eval/train.py env=lift [steps=10000 batch_size=128 model.n_layer=8 ...]   (hydra, configs/train.yaml)
+    train(TrainConfig(env="lift", steps=10000))                                         (from Python)
 
 AdamW (lr 1e-4, betas 0.9/0.95, weight decay 1e-3 on Linear weights), cosine schedule with warm-up,
 EMA of the weights (power 0.75). Everything goes to `out_dir`:
@@ -12,16 +13,12 @@ EMA of the weights (power 0.75). Everything goes to `out_dir`:
 At the end the checkpoint is also written to `export_dir` (e.g. checkpoints/lift_dp_t).
 `init_from=checkpoints/can_dp_t` starts a new run from a shipped checkpoint's EMA weights (same
 architecture and normalisers, else an error); its steps count toward the exported train_steps.
-
-Options are `key=value` overrides of configs/train.yaml (OmegaConf dotlist syntax). Not a hydra
-main: `env=...` would select from the configs/env/ group, and policy_accel does not import hydra.
 """
 
 import dataclasses
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +27,6 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from policy_accel.cli import load_config
 from policy_accel.data import ReplayBuffer, SequenceDataset
 from policy_accel.policy import Policy, PolicyConfig, load_policy
 from policy_accel.sampling import SamplerConfig
@@ -41,9 +37,9 @@ STATE_FILE, LOG_FILE, CHECKPOINT_DIR = "last.pt", "log.jsonl", "checkpoint"
 @dataclass
 class TrainConfig:
     env: str = "lift"
-    dataset: str = "data/${env}.zarr"
-    out_dir: str = "runs/${env}_dp_t"
-    export_dir: str | None = "checkpoints/${env}_dp_t"  # null: only <out_dir>/checkpoint
+    dataset: str = ""  # "": data/<env>.zarr
+    out_dir: str = ""  # "": runs/<env>_dp_t
+    export_dir: str | None = ""  # "": checkpoints/<env>_dp_t; None: only <out_dir>/checkpoint
     steps: int = 10000
     batch_size: int = 128
     lr: float = 1e-4
@@ -74,6 +70,10 @@ class TrainConfig:
     model: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
+        self.dataset = self.dataset or f"data/{self.env}.zarr"
+        self.out_dir = self.out_dir or f"runs/{self.env}_dp_t"
+        if self.export_dir == "":
+            self.export_dir = f"checkpoints/{self.env}_dp_t"
         for name in ("steps", "batch_size", "save_every", "log_every", "num_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -257,12 +257,3 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.export_dir:
         result = export_checkpoint(policy, ema, cfg.export_dir, train_info())
     return result
-
-
-def main(argv: list[str] | None = None) -> None:
-    path = train(load_config(TrainConfig, sys.argv[1:] if argv is None else argv, "train.yaml"))
-    print(f"checkpoint: {path}")
-
-
-if __name__ == "__main__":
-    main()

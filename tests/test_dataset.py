@@ -7,8 +7,9 @@ import zarr
 
 import envs
 from envs.check_experts import check_expert
-from envs.collect import collect, main
+from envs.collect import collect
 from envs.dataset import export_robomimic_hdf5, load_dataset, write_dataset
+from eval.collect import main
 
 LAYOUT = [["agent_pos", 2], ["object_pos", 2], ["goal_pos", 2]]
 
@@ -94,7 +95,7 @@ def test_collect_cli(tmp_path, capsys):
     main(["env=push2d_multimodal", "episodes=2", f"out={out}", "noise=0.1"])
     ds = load_dataset(out, expect_env="push2d_multimodal")
     assert ds.n_episodes == 2 and ds.obs.shape[1] == 8
-    assert ds.attrs["command"].startswith("python -m envs.collect env=push2d_multimodal")
+    assert ds.attrs["command"].startswith("python eval/collect.py env=push2d_multimodal")
     with pytest.raises(FileExistsError):
         main(["env=push2d_multimodal", "episodes=2", f"out={out}"])
     main(["env=push2d_multimodal", "episodes=2", f"out={out}", "overwrite=true"])

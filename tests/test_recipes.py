@@ -58,7 +58,7 @@ def test_a_missing_schedule_lists_what_exists_and_how_to_make_it(lift):
         pa.accelerate(lift, "bac7@ddim10")
     msg = str(err.value)
     assert "bac_s7_b5_ddim10.json" in msg and "bac_s10_b0_ddpm100.json" in msg
-    assert "python -m policy_accel.calibration checkpoint=" in msg
+    assert "python eval/calibrate.py checkpoint=" in msg
     assert "budget=7 bubble_blocks=5 sampler=ddim steps=10" in msg
     assert lift.sampler == pa.SamplerConfig("ddpm", 100, 100) and lift.recipe is None  # nothing half-applied
 

@@ -10,8 +10,8 @@ import torch
 import envs
 import policy_accel as pa
 from eval import bench_denoiser, fidelity, rollout
+from eval.calibrate import main as calibrate_cli
 from eval.methods import apply_method, parse_method
-from policy_accel.calibration import run as calibrate_cli
 from tests.test_train import write_zarr
 
 
@@ -193,7 +193,7 @@ def test_calibrate_cli_writes_schedules_that_methods_load(tmp_path):
         assert policy.predict_action_chunk(obs).shape == (1, 4, 2)
         remover.remove()
         assert policy.cache is None
-    with pytest.raises(FileNotFoundError, match="policy_accel.calibration"):
+    with pytest.raises(FileNotFoundError, match="eval/calibrate.py"):
         apply_method(policy, parse_method("bac7"), ckpt)
     with pytest.raises(FileNotFoundError, match="forecast_order=1"):
         apply_method(policy, parse_method("bac_taylor4o1f"), ckpt)

@@ -8,7 +8,7 @@ import torch
 import zarr
 
 import policy_accel as pa
-from policy_accel.cli import load_config
+from eval.cli import compose
 from policy_accel.data import ReplayBuffer, SequenceDataset, sequence_indices
 from policy_accel.train import STATE_FILE, TrainConfig, batch_indices, train
 
@@ -172,16 +172,18 @@ def test_bf16_precision_trains_under_autocast(dataset_path, tmp_path):
         tiny(dataset_path, tmp_path / "x", precision="fp16")
 
 def test_cli_config_overrides():
-    cfg = load_config(TrainConfig, ["env=can", "steps=5", "model.n_emb=64"], "train.yaml")
+    cfg = compose(TrainConfig, "train", ["env=can", "steps=5", "model.n_emb=64"])
     assert cfg.dataset == "data/can.zarr" and cfg.out_dir == "runs/can_dp_t" and cfg.model["n_emb"] == 64
-    typo = load_config(TrainConfig, ["model.n_embd=64"], "train.yaml")
+    with pytest.raises(SystemExit, match="model.n_embd"):  # a typo in an architecture key: refused at once
+        compose(TrainConfig, "train", ["model.n_embd=64"])
+    typo = compose(TrainConfig, "train", ["+model.n_embd=64"])  # forced in: refused by the model config
     with pytest.raises(ValueError, match="n_embd"):
         typo.policy_config(obs_dim=4, action_dim=2, info={})
     assert cfg.batch_size == 128 and cfg.betas == [0.9, 0.95] and cfg.ema_power == 0.75 and cfg.num_threads == 2
-    with pytest.raises(SystemExit, match="not in 'TrainConfig'"):
-        load_config(TrainConfig, ["nope=1"], "train.yaml")
+    with pytest.raises(SystemExit, match="nope"):
+        compose(TrainConfig, "train", ["nope=1"])
     with pytest.raises(SystemExit, match="steps must be >= 1"):
-        load_config(TrainConfig, ["steps=0"], "train.yaml")
+        compose(TrainConfig, "train", ["steps=0"])
 
 
 def rollout(act, n=20, steps=150):

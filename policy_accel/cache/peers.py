@@ -30,7 +30,7 @@ MagCache (`apply_mag_cache`) also works on whole layers: it skips the whole stac
 computed stack residual) while the error accumulated from per-step residual-norm ratios stays under
 `threshold`, at most `max_skip_steps` in a row, never in the first `retention_ratio` of the steps.
 The ratios come from its own calibration mode, run once per checkpoint, sampler and step count on
-demo observations (`policy_accel.calibration.calibrate_mag_ratios`; `python -m policy_accel.calibration
+demo observations (`policy_accel.calibration.calibrate_mag_ratios`; `python eval/calibrate.py
 ... magcache=true` writes <checkpoint>/schedules/magcache_<sampler><steps>.json). Its decisions depend on the ratios
 and the step only, not on the batch.
 

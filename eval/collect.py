@@ -1,0 +1,28 @@
+"""Collect scripted-expert demos into a zarr dataset (envs/collect.py has what is recorded and how).
+
+    python eval/collect.py env=lift episodes=200 seed=0 [noise=0.05] [out=data/lift.zarr] [overwrite=true]
+
+Same command -> identical data.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python eval/collect.py` from the repo root
+
+from envs.collect import CollectConfig, collect  # noqa: E402
+from eval.cli import hydra_app  # noqa: E402
+
+
+@hydra_app(CollectConfig, "collect")
+def main(cfg: CollectConfig) -> Path:
+    command = (f"python eval/collect.py env={cfg.env} episodes={cfg.episodes} seed={cfg.seed} noise={cfg.noise}"
+               + (f" steps_after_success={cfg.steps_after_success}" if cfg.steps_after_success != 10 else ""))
+    path = collect(cfg.env, cfg.episodes, cfg.seed, cfg.noise, cfg.out, cfg.overwrite, cfg.max_attempts,
+                   cfg.steps_after_success, command=command)
+    print(f"wrote {path}")
+    return path
+
+
+if __name__ == "__main__":
+    main()
