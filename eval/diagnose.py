@@ -245,7 +245,8 @@ def main(cfg: DiagnoseConfig) -> dict:
                          "sampler": policy.sampler.to_dict(), "native_sampler": policy.config.sampler.to_dict()}
     spec = policy.config.info["env_spec"] if policy else envs.make_env(cfg.task).spec_dict()
     chunk = policy.config.n_action_steps if policy else 8
-    venv = make_vector_env(spec, min(cfg.num_envs, max(cfg.episodes * cfg.run_policy, cfg.expert_episodes * cfg.expert)))
+    n_envs = max(cfg.episodes * cfg.run_policy, cfg.expert_episodes * cfg.expert)
+    venv = make_vector_env(spec, min(cfg.num_envs, n_envs))
     if cfg.expert:
         def expert_act(padded):
             experts = [envs.make_expert(cfg.task, e.unwrapped, seed=derived_seed(s, 1))  # as envs.collect
