@@ -33,12 +33,11 @@ import torch.nn.functional as F
 
 from policy_accel.cache.schedule import Binding
 from policy_accel.clock import StepClock
-from policy_accel.models.dp_transformer import DPTransformer, DPTransformerConfig
+from policy_accel.models import family
 from policy_accel.normalizer import MinMaxNormalizer
-from policy_accel.sampling import SamplerConfig, build_sampler, ddpm_scheduler, sample
+from policy_accel.sampling import Guidance, SamplerConfig, build_sampler, ddpm_scheduler, sample
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
-MODEL_TYPES = {"dp_t": (DPTransformer, DPTransformerConfig)}
 
 
 @dataclass
@@ -51,6 +50,7 @@ class PolicyConfig:
     model_type: str = "dp_t"
     model: dict = field(default_factory=dict)  # denoiser architecture (e.g. n_layer, n_emb, p_drop_attn)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)  # the native sampler
+    guidance_scale: float | None = None  # classifier-free guidance (a denoiser trained with condition dropout)
     info: dict = field(default_factory=dict)  # free-form: env, obs_layout, dataset, training steps...
 
     def __post_init__(self):
@@ -62,21 +62,12 @@ class PolicyConfig:
         if self.n_obs_steps - 1 + self.n_action_steps > self.horizon:
             raise ValueError(f"n_obs_steps - 1 + n_action_steps = {self.n_obs_steps - 1 + self.n_action_steps} "
                              f"exceeds horizon {self.horizon}")
-        if self.model_type not in MODEL_TYPES:
-            raise ValueError(f"unknown model_type {self.model_type!r}; known: {', '.join(MODEL_TYPES)}")
-        self.model_config()  # validates the architecture fields
+        self.model_config()  # validates the model type and its architecture fields
 
     def model_config(self):
-        _, config_cls = MODEL_TYPES[self.model_type]
-        fixed = dict(input_dim=self.action_dim, output_dim=self.action_dim, horizon=self.horizon,
-                     n_obs_steps=self.n_obs_steps, cond_dim=self.obs_dim)
-        clash = set(fixed) & set(self.model)
-        if clash:
-            raise ValueError(f"PolicyConfig.model must not set {sorted(clash)}: they follow the policy's fields")
-        try:
-            return config_cls(**fixed, **self.model)
-        except TypeError as e:
-            raise ValueError(f"bad PolicyConfig.model for {self.model_type}: {e}") from None
+        """The denoiser family's config for these observation / action sizes and the `model` fields."""
+        return family(self.model_type).config_for(obs_dim=self.obs_dim, action_dim=self.action_dim,
+                                                  horizon=self.horizon, n_obs_steps=self.n_obs_steps, arch=self.model)
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "sampler": self.sampler.to_dict()}
@@ -94,8 +85,7 @@ class Policy(nn.Module):
     def __init__(self, config: PolicyConfig, seed: int = 0):
         super().__init__()
         self.config = config
-        model_cls, _ = MODEL_TYPES[config.model_type]
-        self.model = model_cls(config.model_config())
+        self.model = family(config.model_type)(config.model_config())
         self.obs_normalizer = MinMaxNormalizer(config.obs_dim)
         self.action_normalizer = MinMaxNormalizer(config.action_dim)
         self.noise_scheduler = ddpm_scheduler(config.sampler.num_train_steps)  # training noise (add_noise)
@@ -239,7 +229,9 @@ class Policy(nn.Module):
         cond = self.obs_normalizer.normalize(torch.from_numpy(history).to(device))
         ctx = self.model.prepare(cond, self._sampler.timesteps)  # once per chunk, exact
         model = self.model if self.compiled_model is None else self.compiled_model
-        x = sample(model, ctx, noise, self._sampler, clock=self.clock, generator=self.generator, step_noise=step_noise)
+        guidance = None if cfg.guidance_scale is None else Guidance(cfg.guidance_scale)
+        x = sample(model, ctx, noise, self._sampler, clock=self.clock, guidance=guidance, generator=self.generator,
+                   step_noise=step_noise)
         start = cfg.n_obs_steps - 1
         actions = self.action_normalizer.unnormalize(x[:, start:start + cfg.n_action_steps])
         return actions.cpu().numpy()

@@ -12,7 +12,9 @@ import torch.nn as nn
 
 import policy_accel as pa
 from policy_accel.clock import ClockListener
+from policy_accel.models import register_family
 from policy_accel.sampling import ddpm_scheduler
+from tests.conftest import TinyGuidedDiT
 
 OBS_DIM, ACT_DIM, H, TO, TA = 6, 2, 8, 2, 4
 
@@ -278,3 +280,50 @@ def test_library_never_imports_hydra_envs_or_eval():
     code = "import sys, policy_accel; print(sorted({m.split('.')[0] for m in sys.modules} & {'omegaconf', 'zarr'}))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@register_family("tiny_guided_test")
+class PolicyGuidedDiT(TinyGuidedDiT):
+    """The contract suite's guided flow DiT as a policy family (flattened observation history as condition)."""
+
+    @classmethod
+    def config_for(cls, obs_dim, action_dim, horizon, n_obs_steps, arch):
+        return dict(action_dim=action_dim, cond_dim=obs_dim * n_obs_steps, **arch)
+
+    def __init__(self, config):
+        super().__init__(**config)
+
+    def prepare(self, cond, timesteps=None):
+        return super().prepare(cond.flatten(1))
+
+
+def test_a_second_family_with_guidance_runs_through_the_policy_and_trains_on_its_own_target():
+    torch.manual_seed(0)
+    cfg = pa.PolicyConfig(obs_dim=OBS_DIM, action_dim=ACT_DIM, horizon=H, n_obs_steps=TO, n_action_steps=TA,
+                          model_type="tiny_guided_test", model=dict(width=16, depth=2),
+                          sampler=pa.SamplerConfig("flow", 6), guidance_scale=1.5)
+    policy = pa.Policy(cfg)
+    policy.fit_normalizers(np.random.default_rng(0).uniform(-2, 2, (50, OBS_DIM)),
+                           np.random.default_rng(1).uniform(-1, 1, (50, ACT_DIM)))
+    with pytest.raises(ValueError, match="predicts velocity"):
+        policy.set_sampler(pa.SamplerConfig("ddim", 5))
+    ref = policy.predict_action_chunk(OBS)
+    pa.accelerate(policy, pa.UniformConfig(interval=3))  # steps 0, 3 compute, for each guidance branch
+    policy.predict_action_chunk(OBS)
+    assert all((b.computed, b.skipped) == (2 * 2, 2 * 4) for b in pa.cache_stats(policy).blocks.values())
+    pa.remove_acceleration(policy)
+    policy.seed(0)
+    first = policy.predict_action_chunk(OBS)
+    policy.seed(0)
+    assert np.array_equal(policy.predict_action_chunk(OBS), first) and first.shape == ref.shape
+    # flow matching: x_t = t * noise + (1 - t) * x0, target noise - x0, t ~ U(0, 1), drawn in this order
+    obs, action = torch.randn(4, TO, OBS_DIM), torch.rand(4, H, ACT_DIM) * 2 - 1
+    torch.manual_seed(7)
+    loss = policy.compute_loss(obs, action)
+    torch.manual_seed(7)
+    x0 = policy.action_normalizer.normalize(action)
+    noise, t = torch.randn_like(x0), torch.rand(4)
+    xt = t[:, None, None] * noise + (1 - t[:, None, None]) * x0
+    cond = policy.obs_normalizer.normalize(obs)
+    expected = torch.nn.functional.mse_loss(policy.model(xt, t, policy.model.prepare(cond)), noise - x0)
+    torch.testing.assert_close(loss, expected)

@@ -114,6 +114,21 @@ class DPTransformer(nn.Module):
     cache_blocks = r"decoder\.layers\.\d+\.(self_attn|cross_attn|ff)"  # what the cache engine may wrap
     block_stack = "decoder"  # its `layers` are the whole layers (diffusers' block-level caches wrap those)
 
+    @classmethod
+    def config_for(cls, obs_dim: int, action_dim: int, horizon: int, n_obs_steps: int, arch: dict
+                   ) -> DPTransformerConfig:
+        """The config of a DP-T denoising `action_dim` actions over `horizon` steps from `n_obs_steps`
+        observations of `obs_dim`; `arch` holds the architecture fields (n_layer, n_emb, p_drop_attn...)."""
+        fixed = dict(input_dim=action_dim, output_dim=action_dim, horizon=horizon, n_obs_steps=n_obs_steps,
+                     cond_dim=obs_dim)
+        clash = set(fixed) & set(arch)
+        if clash:
+            raise ValueError(f"the architecture must not set {sorted(clash)}: they follow the policy's fields")
+        try:
+            return DPTransformerConfig(**fixed, **arch)
+        except TypeError as e:
+            raise ValueError(f"bad architecture field for dp_t: {e}") from None
+
     def __init__(self, config: DPTransformerConfig):
         super().__init__()
         self.config = cfg = config
