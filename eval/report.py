@@ -1,7 +1,8 @@
 """Pareto plots and the README table from eval/results/summary.jsonl.
 
     python eval/report.py                      # one PNG per task: eval/results/pareto_<task>.png
-    python eval/report.py table=true           # also print the headline rows and the frontier comparison
+    python eval/report.py table=true           # also print the headline rows, the frontier comparison and
+                                               # every setting per task
 
 Each point is one (policy, method setting): success rate with its 95% Wilson CI against batch-1 chunk
 latency (log scale). Plain step reduction (uncached DDPM-100 and DDIM-K) is drawn as a line: the
@@ -117,7 +118,7 @@ def headline_table(rows: list[dict]) -> str:
         mine = [r for r in rows if r["task"] == task]
         base = next((r for r in mine if r["setting"] == "uncached"), None)
         picks = [base] if base else []
-        for family in ("lossless", "compile", "ddim", "uniform", "taylorseer", "bac", "bac_taylor",
+        for family in ("compile", "ddim", "uniform", "taylorseer", "bac", "bac_taylor",
                        "diffusers_taylorseer", "diffusers_fbc", "diffusers_magcache", "compile+bac",
                        "compile+bac_taylor"):
             fam = [r for r in mine if r["method"] == family]
@@ -129,6 +130,16 @@ def headline_table(rows: list[dict]) -> str:
             lines.append(f"| {task} | {r['setting']} | {r['successes']}/{r['n_episodes']} "
                          f"[{r['ci_low']:.2f}, {r['ci_high']:.2f}] | {r['latency_ms_p50']:.0f} | "
                          f"{r['speedup']:.1f}x | {r['flops_ratio']:.2f} |")
+    return "\n".join(lines)
+
+
+def settings_table(rows: list[dict], task: str) -> str:
+    """Every setting of one task, fastest first."""
+    lines = ["| setting | success (95% CI) | p50 ms/chunk | p99 | speedup | FLOPs |", "|---|---|---|---|---|---|"]
+    for r in sorted((r for r in rows if r["task"] == task), key=lambda r: r["latency_ms_p50"]):
+        lines.append(f"| {r['setting']} | {r['successes']}/{r['n_episodes']} [{r['ci_low']:.2f}, {r['ci_high']:.2f}] "
+                     f"| {r['latency_ms_p50']:.0f} | {r['latency_ms_p99']:.0f} | {r['speedup']:.1f}x | "
+                     f"{r['flops_ratio']:.2f} |")
     return "\n".join(lines)
 
 
@@ -170,6 +181,8 @@ def main(cfg: ReportConfig) -> None:
         print(headline_table(rows))
         print()
         print(frontier_table(rows))
+        for task in sorted({r["task"] for r in rows}):
+            print(f"\n{task}: every setting\n" + settings_table(rows, task))
 
 
 if __name__ == "__main__":

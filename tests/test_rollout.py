@@ -326,7 +326,10 @@ def test_sweep_end_to_end_on_ray_is_resumable_and_writes_schema(tmp_path, capsys
     assert "2 shard(s) were made with another schedule file" in capsys.readouterr().out
     for p, t in stamps.items():
         assert (p.stat().st_mtime_ns == t) == (not p.name.startswith("bac3nb")), p.name
-    assert "| push2d | uncached |" in report.headline_table([json.loads(x) for x in summary.read_text().splitlines()])
+    merged = [json.loads(x) for x in summary.read_text().splitlines()]
+    assert "| push2d | uncached |" in report.headline_table(merged)
+    full = report.settings_table(merged, "push2d").splitlines()[2:]
+    assert len(full) == 4 and [x.split(" | ")[0] for x in full][-1] == "| uncached"  # fastest first
 
 
 def test_frontier_table_compares_each_caching_point_with_the_best_step_reduction_no_slower():
