@@ -4,7 +4,9 @@
 
 Attempt i runs env seed `seed + i` with an expert seed derived from it. DART-style: the env
 executes the expert action plus Gaussian noise (gripper dims excluded, clipped to [-1, 1]),
-the dataset records the expert's clean action. Only successful episodes are kept, each cut
+the dataset records the expert's clean action. The robosuite experts act in OSC deltas; with
+`action_mode=abs` both the clean and the executed action become absolute eef targets through
+`env.action_from_delta` (the noise stays in delta units, so both modes see the same noise). Only successful episodes are kept, each cut
 `steps_after_success` steps after its first success. Same command -> identical data.
 """
 
@@ -25,6 +27,7 @@ class CollectConfig:
     seed: int = 0
     noise: float = 0.05
     out: str | None = None
+    action_mode: str = "delta"  # robosuite: "delta" (OSC deltas) | "abs" (absolute eef pose targets)
     overwrite: bool = False
     max_attempts: int | None = None
     steps_after_success: int = 10
@@ -44,21 +47,24 @@ def noise_free_dims(env, act_dim: int) -> list[int]:
 
 def run_episode(env, expert, env_seed: int, noise: float = 0.0, steps_after_success: int = 10):
     """One expert episode. Returns dict(obs, action, success, success_step, instruction);
-    obs[t] is the observation the clean action[t] was computed from."""
+    obs[t] is the observation the clean action[t] was computed from; actions in the env's mode."""
     obs, info = env.reset(seed=env_seed)
     instruction = getattr(env, "instruction", "")
     expert.reset(seed=derived_seed(env_seed, 1))
     rng = np.random.default_rng(derived_seed(env_seed, 2))
-    act_dim = env.action_space.shape[0]
-    noisy = np.ones(act_dim, dtype=bool)
-    noisy[noise_free_dims(env, act_dim)] = False
+    to_env = getattr(env, "action_from_delta", None)  # robosuite experts act in OSC deltas
     max_steps = getattr(env, "horizon", None) or 10_000
-    obs_list, act_list, success_step = [], [], None
+    obs_list, act_list, success_step, noisy = [], [], None, None
     for t in range(max_steps):
         action = np.asarray(expert.act(obs), dtype=np.float32)
+        if noisy is None:
+            noisy = np.ones(len(action), dtype=bool)
+            noisy[noise_free_dims(env, len(action))] = False
         executed = action.astype(np.float64)
         if noise > 0:
-            executed = np.clip(executed + noisy * rng.normal(0.0, noise, act_dim), -1.0, 1.0)
+            executed = np.clip(executed + noisy * rng.normal(0.0, noise, len(action)), -1.0, 1.0)
+        if to_env is not None:
+            action, executed = to_env(action), to_env(executed)
         obs_list.append(obs)
         act_list.append(action)
         obs, _, terminated, truncated, info = env.step(executed)
@@ -72,26 +78,34 @@ def run_episode(env, expert, env_seed: int, noise: float = 0.0, steps_after_succ
 
 def collect(env: str, episodes: int, seed: int = 0, noise: float = 0.05, out=None, overwrite: bool = False,
             max_attempts: int | None = None, steps_after_success: int = 10, command: str = "",
-            progress: bool = True) -> Path:
+            progress: bool = True, action_mode: str = "delta") -> Path:
     """Collect `episodes` successful demos of env `env`; returns the dataset path."""
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
     if noise < 0:
         raise ValueError(f"noise must be >= 0, got {noise}")
-    out = Path(out) if out else Path("data") / f"{env.replace(':', '_')}.zarr"
+    env_kwargs = {}
+    if action_mode != "delta":
+        if env not in envs.ROBOSUITE_TASKS:
+            raise ValueError(f"action_mode={action_mode!r} exists for the robosuite tasks only, not {env!r}")
+        env_kwargs["action_mode"] = action_mode
+    suffix = "" if action_mode == "delta" else f"_{action_mode}"
+    out = Path(out) if out else Path("data") / f"{env.replace(':', '_')}{suffix}.zarr"
     max_attempts = max_attempts or 2 * episodes
     out.parent.mkdir(parents=True, exist_ok=True)
     writer = DatasetWriter(out, overwrite=overwrite)  # fails fast if `out` exists
     try:
-        attrs = _collect_into(writer, env, episodes, seed, noise, max_attempts, steps_after_success, progress)
+        attrs = _collect_into(writer, env, env_kwargs, episodes, seed, noise, max_attempts, steps_after_success,
+                              progress)
     except BaseException:  # including Ctrl-C: leave no partial dataset behind
         writer.abort()
         raise
     return writer.close({**attrs, "command": command})
 
 
-def _collect_into(writer, env_name, episodes, seed, noise, max_attempts, steps_after_success, progress) -> dict:
-    env = envs.make_env(env_name)
+def _collect_into(writer, env_name, env_kwargs, episodes, seed, noise, max_attempts, steps_after_success,
+                  progress) -> dict:
+    env = envs.make_env(env_name, **env_kwargs)
     expert = envs.make_expert(env_name, env)
     seeds, failures, instructions = [], [], []
     bar = tqdm(total=episodes, desc=f"collect {env_name}", disable=not progress)

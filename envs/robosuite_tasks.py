@@ -4,9 +4,19 @@ The env is described by a robomimic `env_meta` dict (env name, version, kwargs),
 datasets by `spec_dict()` and re-created exactly by `RobosuiteTask.from_spec(spec)`.
 
 Observation (float32, flat, in this order): object state ("object"), robot0_eef_pos,
-robot0_eef_quat (xyzw), robot0_gripper_qpos. Action: OSC_POSE deltas in [-1, 1]^7 (dx, dy, dz,
-rotation axis-angle, gripper -1 open / +1 close). info["success"]: task success at this step.
+robot0_eef_quat (xyzw), robot0_gripper_qpos. info["success"]: task success at this step.
 No early termination; truncation at the horizon.
+
+Actions, by `action_mode`:
+  "delta": OSC_POSE deltas in [-1, 1]^7 (dx, dy, dz, rotation axis-angle, gripper -1 open / +1
+           close), scaled by the controller to at most 5 cm and 0.5 rad per step.
+  "abs":   the absolute eef target in the world frame, 10 dims: position (3, m), orientation as the
+           first two columns of its rotation matrix (6, the continuous "6D" representation of
+           Zhou et al. 2019), gripper (1). The controller runs with control_delta=False (robosuite's
+           OSC takes position + axis-angle, unscaled). Diffusion Policy found position control far
+           better than velocity (delta) control for diffusion policies.
+The scripted experts act in deltas; `action_from_delta` gives the env action that makes the
+controller aim at the same goal (the collector records demos through it).
 
 Determinism: robosuite draws object placements and the arm's initial joint noise from numpy's
 global RNG (and python's `random` in some modes). `reset(seed)` seeds both from the env's own
@@ -31,6 +41,7 @@ TASKS = {
     "can": ("PickPlaceCan", 400, "pick up the can and place it in the target bin"),
     "square": ("NutAssemblySquare", 500, "put the square nut onto the square peg"),
 }
+ACTION_MODES = {"delta": 7, "abs": 10}  # action_mode: action dim
 OBS_KEYS = ("object", "robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos")
 
 
@@ -52,14 +63,16 @@ def _import_robomimic():
     return env_utils
 
 
-def default_env_meta(name: str) -> dict:
+def default_env_meta(name: str, action_mode: str = "delta") -> dict:
     """robomimic env_meta for task `name`: Panda, OSC_POSE, 20 Hz, state observations, no rendering."""
     import robosuite
 
     env_name, horizon, _ = TASKS[name]
+    controller = robosuite.load_controller_config(default_controller="OSC_POSE")
+    controller["control_delta"] = action_mode == "delta"
     env_kwargs = dict(
         robots=["Panda"],
-        controller_configs=robosuite.load_controller_config(default_controller="OSC_POSE"),
+        controller_configs=controller,
         control_freq=20, horizon=horizon, reward_shaping=False, ignore_done=True,
         has_renderer=False, has_offscreen_renderer=False, use_camera_obs=False, use_object_obs=True,
     )
@@ -84,13 +97,22 @@ class RobosuiteTask(gym.Env):
     metadata = {"render_modes": []}
     noise_free_dims = (6,)  # the gripper: DART noise goes on the arm dims only
 
-    def __init__(self, name: str, horizon: int | None = None, env_meta: dict | None = None):
+    def __init__(self, name: str, horizon: int | None = None, env_meta: dict | None = None,
+                 action_mode: str = "delta"):
         if name not in TASKS:
             raise ValueError(f"unknown robosuite task {name!r}; valid: {list(TASKS)}")
+        if action_mode not in ACTION_MODES:
+            raise ValueError(f"unknown action_mode {action_mode!r}; valid: {list(ACTION_MODES)}")
         self.name = name
         self.instruction = TASKS[name][2]
         self.horizon = int(horizon or TASKS[name][1])
-        self.env_meta = env_meta or default_env_meta(name)
+        self.action_mode = action_mode
+        self.env_meta = env_meta or default_env_meta(name, action_mode)
+        controller = self.env_meta["env_kwargs"]["controller_configs"]
+        if bool(controller.get("control_delta", True)) != (action_mode == "delta"):
+            raise ValueError(f"env_meta has control_delta={controller.get('control_delta')} but "
+                             f"action_mode={action_mode!r}")
+        self._delta_scale = np.asarray(controller["output_max"], dtype=np.float64)  # action 1 -> this
         env_utils = _import_robomimic()
         # robomimic prints "Created environment..."; robosuite draws from the global RNGs here too
         with contextlib.redirect_stdout(io.StringIO()), _seeded_global_rngs(0):
@@ -101,16 +123,21 @@ class RobosuiteTask(gym.Env):
         self.obs_layout = [(k, int(np.size(first[k]))) for k in OBS_KEYS]
         obs_dim = sum(n for _, n in self.obs_layout)
         self.observation_space = gym.spaces.Box(-np.inf, np.inf, (obs_dim,), np.float32)
-        self.action_space = gym.spaces.Box(-1.0, 1.0, (7,), np.float32)
+        dim = ACTION_MODES[action_mode]
+        bound = 1.0 if action_mode == "delta" else np.inf
+        self.action_space = gym.spaces.Box(-bound, bound, (dim,), np.float32)
         self._t = None  # None until the first reset()
 
     # ---- description -------------------------------------------------------------------------
     def spec_dict(self) -> dict:
         import robomimic
 
-        return {"name": self.name, "family": "robosuite", "kwargs": {"horizon": self.horizon},
+        kwargs = {"horizon": self.horizon}
+        if self.action_mode != "delta":  # specs written before action modes existed stay valid
+            kwargs["action_mode"] = self.action_mode
+        return {"name": self.name, "family": "robosuite", "kwargs": kwargs,
                 "env_meta": _jsonable(self.env_meta), "obs_layout": [list(x) for x in self.obs_layout],
-                "action_dim": 7, "robomimic_version": robomimic.__version__}
+                "action_dim": ACTION_MODES[self.action_mode], "robomimic_version": robomimic.__version__}
 
     @classmethod
     def from_spec(cls, spec: dict) -> "RobosuiteTask":
@@ -130,7 +157,11 @@ class RobosuiteTask(gym.Env):
     def step(self, action):
         if self._t is None:
             raise RuntimeError("call reset() before step()")
-        a = check_action(action, 7)
+        if self.action_mode == "delta":
+            a = check_action(action, 7)
+        else:
+            a = check_action(action, 10, low=-np.inf, high=np.inf)
+            a = np.concatenate([a[:3], mat2axisangle(rot6d_to_mat(a[3:9])), np.clip(a[9:], -1.0, 1.0)])
         obs, reward, _, _ = self._rm_env.step(a)
         self._t += 1
         success = bool(self._rm_env.is_success()["task"])
@@ -141,6 +172,18 @@ class RobosuiteTask(gym.Env):
 
     def close(self):
         self.sim_env.close()
+
+    def action_from_delta(self, delta) -> np.ndarray:
+        """The action (in this env's mode) that sets the controller's goal where the OSC delta
+        action `delta` (7 dims, [-1, 1]) would set it from the current eef pose."""
+        delta = check_action(delta, 7)
+        if self.action_mode == "delta":
+            return delta
+        s = self.task_state()
+        step = delta[:6] * self._delta_scale
+        pos = s["eef_pos"] + step[:3]
+        mat = axisangle2mat(step[3:]) @ s["eef_mat"]
+        return np.concatenate([pos, mat_to_rot6d(mat), delta[6:]])
 
     # ---- privileged state for scripted experts -----------------------------------------------
     def task_state(self) -> dict:
@@ -172,6 +215,35 @@ class RobosuiteTask(gym.Env):
             handle = env.sim.model.site_name2id(env.nuts[env.nut_id].important_sites["handle"])
             state["handle_pos"] = np.array(data.site_xpos[handle])
         return state
+
+
+def mat_to_rot6d(mat: np.ndarray) -> np.ndarray:
+    """The first two columns of a rotation matrix, column by column (6,)."""
+    return np.concatenate([mat[:, 0], mat[:, 1]])
+
+
+def rot6d_to_mat(r6: np.ndarray) -> np.ndarray:
+    """Rotation matrix from two (not necessarily orthonormal) columns, by Gram-Schmidt."""
+    a, b = np.asarray(r6[:3], dtype=np.float64), np.asarray(r6[3:6], dtype=np.float64)
+    na = np.linalg.norm(a)
+    b = b - a * (a @ b) / max(na * na, 1e-300)
+    nb = np.linalg.norm(b)
+    if na < 1e-6 or nb < 1e-6:
+        raise ValueError(f"6D rotation {np.round(r6, 4).tolist()} has a zero or parallel column")
+    x, y = a / na, b / nb
+    return np.stack([x, y, np.cross(x, y)], axis=1)
+
+
+def mat2axisangle(mat: np.ndarray) -> np.ndarray:
+    from robosuite.utils.transform_utils import mat2quat, quat2axisangle
+
+    return quat2axisangle(mat2quat(mat))
+
+
+def axisangle2mat(vec: np.ndarray) -> np.ndarray:
+    from robosuite.utils.transform_utils import axisangle2quat, quat2mat
+
+    return quat2mat(axisangle2quat(vec))
 
 
 def _jsonable(x):

@@ -3,7 +3,10 @@
     python eval/card.py checkpoint=checkpoints/lift_dp_t run_dir=runs/lift_dp_t rollout=eval/results/rollout_lift.json
 
 The rollout JSON (eval/rollout.py, or eval/sweep.py with out=...) must hold an `uncached` row made on
-this checkpoint (same hash).
+this checkpoint (same hash). For the fp16 weight file of a run still in training (train.py's
+snapshot_dir) it writes a card that says so and lists every segment; no rollout needed:
+
+    python eval/card.py checkpoint=checkpoints/can_dp_t/in_training
 """
 
 import json
@@ -62,9 +65,46 @@ def _segment_lines(segments: list[dict]) -> list[str]:
                     for s, end in zip(segments, ends, strict=True)]
 
 
+def flat_segments(segments: list[dict], end_step: int) -> list[dict]:
+    """Every stretch of training behind a checkpoint, oldest first, with global step ranges; the
+    history of warm starts (init_from) is unrolled."""
+    init = next((s for s in segments if "init_from" in s), None)
+    offset = init["init_train_steps"] if init else 0
+    rows = flat_segments(init.get("history") or [], offset) if init else []
+    runs = [s for s in segments if "init_from" not in s]
+    ends = [s["from_step"] for s in runs[1:]] + [end_step - offset]
+    for s, end in zip(runs, ends, strict=True):
+        rows.append({"first": offset + s["from_step"], "last": offset + end, "lr_steps": s["steps"],
+                     "precision": s["precision"], "hours": s.get("hours"), "dataset": s.get("dataset", "-"),
+                     "init_from": init["init_from"] if init and s is runs[0] else None})
+    return rows
+
+
+def render_in_training(checkpoint: str) -> str:
+    policy = pa.load_policy(checkpoint)
+    info = policy.config.info
+    rows = flat_segments(info.get("train_segments") or [], info["train_steps"])
+    hours = sum(r["hours"] or 0 for r in rows)
+    lines = [f"# {checkpoint}: in training", "",
+             f"An intermediate weight file (EMA weights in fp16) of a run that spans several sittings; not a "
+             f"shipped policy and not benchmarked. {info['train_steps']} steps so far, {hours:.1f} h of "
+             f"compute recorded. Data: `{info.get('dataset_command')}` ({info.get('n_episodes')} episodes, "
+             f"{info.get('n_windows')} windows). Next sitting: `python eval/train.py env={info['env']} "
+             f"dataset={info.get('dataset')} init_from={checkpoint} snapshot_dir={checkpoint} ...`.", "",
+             "| steps | LR schedule | precision | hours | data | started from |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        h = f"{r['hours']:.2f}" if r["hours"] is not None else "-"
+        origin = f"`{r['init_from']}` (its EMA weights)" if r["init_from"] else "-"
+        lines.append(f"| {r['first']}-{r['last']} | cosine over {r['lr_steps']} | {r['precision']} | {h} | "
+                     f"`{r['dataset']}` | {origin} |")
+    return "\n".join(lines) + "\n"
+
+
 def render(cfg: CardConfig) -> str:
     policy = pa.load_policy(cfg.checkpoint)
     info, pc = policy.config.info, policy.config
+    if info.get("in_training"):
+        return render_in_training(cfg.checkpoint)
     summary = json.loads(Path(cfg.rollout).read_text())
     if summary["checkpoint_hash"] != policy.checkpoint_hash:
         raise SystemExit(f"{cfg.rollout} was measured on another checkpoint (hash differs from {cfg.checkpoint})")

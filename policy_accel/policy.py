@@ -254,19 +254,26 @@ class Policy(nn.Module):
         return F.mse_loss(self.model(noisy, t, self.model.prepare(cond)), target)
 
     # ---------------------------------------------------------------- checkpoints
-    def _weights_bytes(self) -> bytes:
-        return safetensors.torch.save({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()})
+    def _weights_bytes(self, half: bool = False) -> bytes:
+        """The state dict as safetensors; half=True stores the denoiser's float weights as fp16 (the
+        normalisers stay fp32). Loading casts them back to the policy's dtype."""
+        def value(k, v):
+            v = v.detach().cpu().contiguous()
+            return v.half() if half and k.startswith("model.") and v.is_floating_point() else v
+
+        return safetensors.torch.save({k: value(k, v) for k, v in self.state_dict().items()})
 
     @property
     def checkpoint_hash(self) -> str:
-        """sha256 of the model.safetensors this policy saves to (= of the file it was loaded from)."""
+        """sha256 of the (fp32) model.safetensors this policy saves to (= of the fp32 file it was loaded from)."""
         return hashlib.sha256(self._weights_bytes()).hexdigest()
 
-    def save(self, path) -> Path:
-        """Write <path>/config.json and <path>/model.safetensors (weights + normalisers)."""
+    def save(self, path, half: bool = False) -> Path:
+        """Write <path>/config.json and <path>/model.safetensors (weights + normalisers; half=True:
+        fp16 denoiser weights, half the size, e.g. for an intermediate weight file of a long run)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path / WEIGHTS_FILE, self._weights_bytes())
+        _atomic_write(path / WEIGHTS_FILE, self._weights_bytes(half))
         _atomic_write(path / CONFIG_FILE, json.dumps(self.config.to_dict(), indent=2).encode())
         return path
 

@@ -12,7 +12,7 @@ import envs
 pytest.importorskip("robosuite")
 pytest.importorskip("robomimic")
 
-from envs.robosuite_tasks import RobosuiteTask  # noqa: E402
+from envs.robosuite_tasks import RobosuiteTask, mat_to_rot6d, rot6d_to_mat  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -173,3 +173,38 @@ def test_unknown_expert_raises(lift):
 
     with pytest.raises(ValueError, match="no scripted expert"):
         make_robosuite_expert("stack", lift)
+
+
+def test_rot6d_is_two_matrix_columns_and_gram_schmidt_recovers_the_rotation():
+    quarter_turn_z = np.array([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    assert np.array_equal(mat_to_rot6d(quarter_turn_z), [0, 1, 0, -1, 0, 0])
+    # columns scaled and the second one tilted toward the first: Gram-Schmidt gives the rotation back
+    np.testing.assert_allclose(rot6d_to_mat([0, 3, 0, -1, 0.5, 0]), quarter_turn_z, atol=1e-12)
+    with pytest.raises(ValueError, match="parallel"):
+        rot6d_to_mat([1, 0, 0, 2, 0, 0])
+
+
+def test_absolute_actions_set_the_goal_a_delta_action_would():
+    delta_env, abs_env = envs.make_env("lift"), envs.make_env("lift", action_mode="abs")
+    assert abs_env.action_space.shape == (10,) and abs_env.spec_dict()["kwargs"]["action_mode"] == "abs"
+    assert abs_env.env_meta["env_kwargs"]["controller_configs"]["control_delta"] is False
+    assert RobosuiteTask.from_spec(abs_env.spec_dict()).action_mode == "abs"
+    delta_env.reset(seed=3)
+    abs_env.reset(seed=3)
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        delta = np.append(rng.uniform(-1, 1, 6), 1.0)
+        target = abs_env.action_from_delta(delta)  # eef pos + 5 cm * delta, R(0.5 rad * delta) @ R_eef
+        s = abs_env.task_state()
+        np.testing.assert_allclose(target[:3], s["eef_pos"] + 0.05 * delta[:3], atol=1e-6)
+        obs_d = delta_env.step(delta)[0]
+        obs_a = abs_env.step(target)[0]
+        # same goals up to robosuite's float32 quaternion maths (2e-7 rad); a wrong scale or frame
+        # would be off by centimetres
+        np.testing.assert_allclose(obs_a, obs_d, atol=1e-3)
+    with pytest.raises(ValueError, match="control_delta"):
+        RobosuiteTask("lift", env_meta=delta_env.env_meta, action_mode="abs")
+    with pytest.raises(ValueError, match="action_mode"):
+        envs.make_env("lift", action_mode="velocity")
+    delta_env.close()
+    abs_env.close()

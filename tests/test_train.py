@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 import zarr
 
@@ -74,6 +75,10 @@ def tiny(dataset_path, out_dir, **kw):
     return TrainConfig(**{**base, **kw})
 
 
+def stretches(segments):
+    return [(s["from_step"], s["steps"], s["precision"]) for s in segments]
+
+
 def test_train_logs_checkpoints_and_exports(dataset_path, tmp_path):
     ck = train(tiny(dataset_path, tmp_path / "run", export_dir=str(tmp_path / "ship")))
     assert ck == tmp_path / "ship"
@@ -108,7 +113,7 @@ def test_resume_is_exact(dataset_path, tmp_path, monkeypatch):
     full = torch.load(tmp_path / "full" / STATE_FILE, weights_only=False)
     split = torch.load(tmp_path / "split" / STATE_FILE, weights_only=False)
     assert full["step"] == split["step"] == 8
-    assert split["segments"] == [{"from_step": 0, "steps": 8, "precision": "fp32"}]  # a resume is no new stretch
+    assert stretches(split["segments"]) == [(0, 8, "fp32")]  # a resume is no new stretch
     for key in full["policy"]:
         assert torch.equal(full["policy"][key], split["policy"][key]), key
     for a, b in zip(full["ema"]["shadow_params"], split["ema"]["shadow_params"], strict=True):
@@ -135,8 +140,9 @@ def test_raising_steps_extends_a_finished_run_on_the_longer_schedule(dataset_pat
         lrs.append(sched.get_last_lr()[0])
     assert log[1]["lr"] == 0.0  # the 4-step run ended its own schedule...
     assert log[2]["lr"] == pytest.approx(lrs[5]) and log[2]["lr"] > 0  # ...the extension follows the 8-step one
-    assert pa.load_policy(tmp_path / "run" / "checkpoint").config.info["train_segments"] == [
-        {"from_step": 0, "steps": 4, "precision": "fp32"}, {"from_step": 4, "steps": 8, "precision": "fp32"}]
+    segments = pa.load_policy(tmp_path / "run" / "checkpoint").config.info["train_segments"]
+    assert stretches(segments) == [(0, 4, "fp32"), (4, 8, "fp32")]
+    assert all(s["dataset"] == str(dataset_path) and s["hours"] > 0 for s in segments)
 
 
 def test_init_from_warm_starts_from_a_shipped_checkpoint(dataset_path, tmp_path):
@@ -150,8 +156,9 @@ def test_init_from_warm_starts_from_a_shipped_checkpoint(dataset_path, tmp_path)
     assert any(not torch.equal(a, b) for a, b in zip(start.model.parameters(), fresh.model.parameters(), strict=True))
     info = after.config.info
     assert info["train_steps"] == 8 + 1
+    first = start.config.info["train_segments"]
     assert info["train_segments"][0] == {"from_step": 0, "steps": 0, "precision": "-",
-                                         "init_from": str(shipped), "init_train_steps": 8}
+                                         "init_from": str(shipped), "init_train_steps": 8, "history": first}
     with pytest.raises(ValueError, match="init_from=.*another policy"):
         train(tiny(dataset_path, tmp_path / "other", init_from=str(shipped), model=dict(n_layer=2, n_head=2, n_emb=16)))
     buffer = ReplayBuffer.load(dataset_path)
@@ -159,6 +166,30 @@ def test_init_from_warm_starts_from_a_shipped_checkpoint(dataset_path, tmp_path)
                        np.cumsum([30, 25, 40, 20]).astype(np.int64), {"env": "toy"})
     with pytest.raises(ValueError, match="obs_normalizer differs"):
         train(tiny(other, tmp_path / "otherdata", init_from=str(shipped)))
+
+
+def test_a_run_carries_across_sittings_through_an_fp16_snapshot(dataset_path, tmp_path):
+    snap = tmp_path / "ship" / "in_training"
+    train(tiny(dataset_path, tmp_path / "first", snapshot_dir=str(snap), export_dir=None))
+    weights = safetensors.torch.load_file(snap / "model.safetensors")
+    assert {v.dtype for k, v in weights.items() if k.startswith("model.")} == {torch.float16}
+    assert {v.dtype for k, v in weights.items() if "normalizer" in k} == {torch.float32}
+    run_ema = pa.load_policy(tmp_path / "first" / "checkpoint")
+    snapshot = pa.load_policy(snap)  # fp16 on disk, fp32 once loaded
+    assert snapshot.config.info["in_training"] and snapshot.config.info["train_steps"] == 8
+    for a, b in zip(run_ema.model.parameters(), snapshot.model.parameters(), strict=True):
+        assert b.dtype == torch.float32 and torch.equal(a.half().float(), b)
+    # the next sitting (runs/ gone): warm start from the snapshot, its history kept
+    after = pa.load_policy(train(tiny(dataset_path, tmp_path / "second", steps=4, init_from=str(snap))))
+    assert after.config.info["train_steps"] == 12 and "in_training" not in after.config.info
+    assert after.config.info["train_segments"][0]["history"] == snapshot.config.info["train_segments"]
+    # a dataset recollected elsewhere may differ in the last digits: the checkpoint's normalisers win
+    buffer = ReplayBuffer.load(dataset_path)
+    obs = np.asarray(buffer.obs) * (1 + 1e-5)
+    near = write_zarr(tmp_path / "near.zarr", obs, np.asarray(buffer.action),
+                      np.cumsum([30, 25, 40, 20]).astype(np.int64), {"env": "toy"})
+    warm = pa.load_policy(train(tiny(near, tmp_path / "near", steps=2, init_from=str(snap))))
+    assert torch.equal(warm.obs_normalizer.scale, snapshot.obs_normalizer.scale)
 
 
 def test_bf16_precision_trains_under_autocast(dataset_path, tmp_path):
@@ -221,3 +252,17 @@ def test_tiny_policy_trained_on_push2d_beats_random(tmp_path):
     # A few hundred steps teach the approach (agent goes to the object and stays on it, as the expert
     # does); pushing it home takes thousands (see the report), so success is not asserted here.
     assert trained[0] < 0.7 * random[0], (trained, random)
+
+
+def test_in_training_card_lists_every_segment_across_warm_starts(dataset_path, tmp_path):
+    from eval.card import flat_segments, render_in_training
+
+    snap = tmp_path / "in_training"
+    train(tiny(dataset_path, tmp_path / "a", steps=4, snapshot_dir=str(snap)))
+    train(tiny(dataset_path, tmp_path / "a", steps=8, snapshot_dir=str(snap)))  # extended: a second stretch
+    train(tiny(dataset_path, tmp_path / "b", steps=6, init_from=str(snap), snapshot_dir=str(snap)))
+    info = pa.load_policy(snap).config.info
+    rows = flat_segments(info["train_segments"], info["train_steps"])
+    assert [(r["first"], r["last"], r["init_from"]) for r in rows] == [(0, 4, None), (4, 8, None), (8, 14, str(snap))]
+    card = render_in_training(str(snap))
+    assert "in training" in card and "| 8-14 | cosine over 6 |" in card and "14 steps so far" in card
