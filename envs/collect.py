@@ -6,8 +6,9 @@ Attempt i runs env seed `seed + i` with an expert seed derived from it. DART-sty
 executes the expert action plus Gaussian noise (gripper dims excluded, clipped to [-1, 1]),
 the dataset records the expert's clean action. The robosuite experts act in OSC deltas; with
 `action_mode=abs` both the clean and the executed action become absolute eef targets through
-`env.action_from_delta` (the noise stays in delta units, so both modes see the same noise). Only successful episodes are kept, each cut
-`steps_after_success` steps after its first success. Same command -> identical data.
+`env.action_from_delta` (the noise stays in delta units, so both modes see the same noise).
+Only successful episodes are kept, each cut `steps_after_success` steps after its first success.
+Same command -> identical data.
 """
 
 from dataclasses import dataclass
