@@ -52,6 +52,22 @@ card-rollout-%: $(STAMP)
 ship-%: schedules-% card-rollout-%
 	$(PY) eval/card.py checkpoint=checkpoints/$*_dp_t run_dir=runs/$*_dp_t rollout=eval/results/rollout_$*.json
 
+# Training longer than one sitting (Can, Square: absolute eef-pose actions, 6D rotations in the obs):
+# resumes runs/<task>_abs_dp_t when it exists, else warm-starts from the committed fp16 snapshot
+# checkpoints/<task>_dp_t/in_training (rewritten every 500 steps; commit it at each stop).
+# Niced, one thread: one job per core.  make train-can TRAIN_STEPS=6000
+TRAIN_STEPS ?= 6000
+train-%: $(STAMP) data/%_abs_rot6d.zarr
+	nice -n 19 $(PY) eval/train.py env=$* dataset=data/$*_abs_rot6d.zarr out_dir=runs/$*_abs_dp_t export_dir=null \
+		snapshot_dir=checkpoints/$*_dp_t/in_training steps=$(TRAIN_STEPS) save_every=500 precision=bf16 \
+		num_threads=1 progress=false \
+		$(if $(wildcard checkpoints/$*_dp_t/in_training/model.safetensors),init_from=checkpoints/$*_dp_t/in_training)
+	$(PY) eval/card.py checkpoint=checkpoints/$*_dp_t/in_training
+
+.PRECIOUS: data/%_abs_rot6d.zarr
+data/%_abs_rot6d.zarr: | $(STAMP)
+	$(PY) eval/collect.py env=$* episodes=200 seed=0 action_mode=abs rotations=rot6d
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 

@@ -29,6 +29,7 @@ class CollectConfig:
     noise: float = 0.05
     out: str | None = None
     action_mode: str = "delta"  # robosuite: "delta" (OSC deltas) | "abs" (absolute eef pose targets)
+    rotations: str = "quat"  # robosuite: orientations in the observation, "quat" | "rot6d"
     overwrite: bool = False
     max_attempts: int | None = None
     steps_after_success: int = 10
@@ -79,18 +80,17 @@ def run_episode(env, expert, env_seed: int, noise: float = 0.0, steps_after_succ
 
 def collect(env: str, episodes: int, seed: int = 0, noise: float = 0.05, out=None, overwrite: bool = False,
             max_attempts: int | None = None, steps_after_success: int = 10, command: str = "",
-            progress: bool = True, action_mode: str = "delta") -> Path:
+            progress: bool = True, action_mode: str = "delta", rotations: str = "quat") -> Path:
     """Collect `episodes` successful demos of env `env`; returns the dataset path."""
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
     if noise < 0:
         raise ValueError(f"noise must be >= 0, got {noise}")
-    env_kwargs = {}
-    if action_mode != "delta":
-        if env not in envs.ROBOSUITE_TASKS:
-            raise ValueError(f"action_mode={action_mode!r} exists for the robosuite tasks only, not {env!r}")
-        env_kwargs["action_mode"] = action_mode
-    suffix = "" if action_mode == "delta" else f"_{action_mode}"
+    env_kwargs = {k: v for k, v in (("action_mode", action_mode), ("rotations", rotations))
+                  if v != {"action_mode": "delta", "rotations": "quat"}[k]}
+    if env_kwargs and env not in envs.ROBOSUITE_TASKS:
+        raise ValueError(f"{env_kwargs} exist for the robosuite tasks only, not {env!r}")
+    suffix = "".join(f"_{v}" for v in env_kwargs.values())  # e.g. data/can_abs_rot6d.zarr
     out = Path(out) if out else Path("data") / f"{env.replace(':', '_')}{suffix}.zarr"
     max_attempts = max_attempts or 2 * episodes
     out.parent.mkdir(parents=True, exist_ok=True)

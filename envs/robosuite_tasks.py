@@ -15,6 +15,12 @@ Actions, by `action_mode`:
            Zhou et al. 2019), gripper (1). The controller runs with control_delta=False (robosuite's
            OSC takes position + axis-angle, unscaled). Diffusion Policy found position control far
            better than velocity (delta) control for diffusion policies.
+Rotations in the observation, by `rotations`:
+  "quat": as robosuite gives them (xyzw). Its object-to-eef quaternion is kept in the w >= 0
+          hemisphere, so it flips sign whenever the relative rotation passes 180 degrees: on Can, where
+          the gripper points down at an upright can, that happened 8 times per demo.
+  "rot6d": every orientation (the object's, the object-to-eef one, the eef's) as the first two
+          columns of its rotation matrix: continuous, no sign ambiguity.
 The scripted experts act in deltas; `action_from_delta` gives the env action that makes the
 controller aim at the same goal (the collector records demos through it).
 
@@ -42,6 +48,7 @@ TASKS = {
     "square": ("NutAssemblySquare", 500, "put the square nut onto the square peg"),
 }
 ACTION_MODES = {"delta": 7, "abs": 10}  # action_mode: action dim
+ROTATIONS = ("quat", "rot6d")
 OBS_KEYS = ("object", "robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos")
 
 
@@ -98,11 +105,14 @@ class RobosuiteTask(gym.Env):
     noise_free_dims = (6,)  # the gripper: DART noise goes on the arm dims only
 
     def __init__(self, name: str, horizon: int | None = None, env_meta: dict | None = None,
-                 action_mode: str = "delta"):
+                 action_mode: str = "delta", rotations: str = "quat"):
         if name not in TASKS:
             raise ValueError(f"unknown robosuite task {name!r}; valid: {list(TASKS)}")
         if action_mode not in ACTION_MODES:
             raise ValueError(f"unknown action_mode {action_mode!r}; valid: {list(ACTION_MODES)}")
+        if rotations not in ROTATIONS:
+            raise ValueError(f"unknown rotations {rotations!r}; valid: {list(ROTATIONS)}")
+        self.rotations = rotations
         self.name = name
         self.instruction = TASKS[name][2]
         self.horizon = int(horizon or TASKS[name][1])
@@ -120,7 +130,15 @@ class RobosuiteTask(gym.Env):
                 self.env_meta, render=False, render_offscreen=False, use_image_obs=False)
             first = self._rm_env.get_observation()
         self.sim_env = self._rm_env.env  # the robosuite env
+        # the parts of robosuite's "object-state", in order (their quaternions become 6D with rot6d)
+        self._object_parts = [(k, int(np.size(o.obs))) for k, o in self.sim_env._observables.items()
+                              if o.modality == "object" and o.is_enabled() and o.is_active()]
+        if sum(n for _, n in self._object_parts) != np.size(first["object"]):
+            raise RuntimeError(f"object-state parts {self._object_parts} do not add up to {np.size(first['object'])}")
         self.obs_layout = [(k, int(np.size(first[k]))) for k in OBS_KEYS]
+        if rotations == "rot6d":
+            self.obs_layout = [(k.replace("quat", "rot6d"), n + 2 * (k.endswith("quat") + self._n_object_quats(k)))
+                               for k, n in self.obs_layout]
         obs_dim = sum(n for _, n in self.obs_layout)
         self.observation_space = gym.spaces.Box(-np.inf, np.inf, (obs_dim,), np.float32)
         dim = ACTION_MODES[action_mode]
@@ -133,8 +151,10 @@ class RobosuiteTask(gym.Env):
         import robomimic
 
         kwargs = {"horizon": self.horizon}
-        if self.action_mode != "delta":  # specs written before action modes existed stay valid
+        if self.action_mode != "delta":  # specs written before these options existed stay valid
             kwargs["action_mode"] = self.action_mode
+        if self.rotations != "quat":
+            kwargs["rotations"] = self.rotations
         return {"name": self.name, "family": "robosuite", "kwargs": kwargs,
                 "env_meta": _jsonable(self.env_meta), "obs_layout": [list(x) for x in self.obs_layout],
                 "action_dim": ACTION_MODES[self.action_mode], "robomimic_version": robomimic.__version__}
@@ -168,7 +188,19 @@ class RobosuiteTask(gym.Env):
         return self._flat(obs), float(reward), False, self._t >= self.horizon, {"success": success}
 
     def _flat(self, obs: dict) -> np.ndarray:
-        return np.concatenate([np.asarray(obs[k], dtype=np.float32).ravel() for k in OBS_KEYS])
+        if self.rotations == "quat":
+            return np.concatenate([np.asarray(obs[k], dtype=np.float32).ravel() for k in OBS_KEYS])
+        parts = []
+        for k in OBS_KEYS:
+            v = np.asarray(obs[k], dtype=np.float64).ravel()
+            names = [n for n, _ in self._object_parts] if k == "object" else [k]
+            sizes = [m for _, m in self._object_parts] if k == "object" else [len(v)]
+            for name, piece in zip(names, np.split(v, np.cumsum(sizes)[:-1]), strict=True):
+                parts.append(mat_to_rot6d(quat2mat(piece)) if name.endswith("_quat") else piece)
+        return np.concatenate(parts).astype(np.float32)
+
+    def _n_object_quats(self, key: str) -> int:
+        return sum(n.endswith("_quat") for n, _ in self._object_parts) if key == "object" else 0
 
     def close(self):
         self.sim_env.close()
@@ -238,6 +270,12 @@ def mat2axisangle(mat: np.ndarray) -> np.ndarray:
     from robosuite.utils.transform_utils import mat2quat, quat2axisangle
 
     return quat2axisangle(mat2quat(mat))
+
+
+def quat2mat(quat: np.ndarray) -> np.ndarray:  # xyzw
+    from robosuite.utils.transform_utils import quat2mat
+
+    return quat2mat(quat)
 
 
 def axisangle2mat(vec: np.ndarray) -> np.ndarray:

@@ -208,3 +208,23 @@ def test_absolute_actions_set_the_goal_a_delta_action_would():
         envs.make_env("lift", action_mode="velocity")
     delta_env.close()
     abs_env.close()
+
+
+def test_rot6d_observation_replaces_every_quaternion_by_two_matrix_columns():
+    quat_env, rot_env = envs.make_env("can"), envs.make_env("can", rotations="rot6d")
+    assert [n for n, _ in rot_env.obs_layout] == ["object", "robot0_eef_pos", "robot0_eef_rot6d", "robot0_gripper_qpos"]
+    assert [n for _, n in rot_env.obs_layout] == [3 + 6 + 3 + 6, 3, 6, 2]  # can pos, rot, to-eef pos, to-eef rot
+    assert RobosuiteTask.from_spec(rot_env.spec_dict()).rotations == "rot6d"
+    q, r = quat_env.reset(seed=5)[0], rot_env.reset(seed=5)[0]
+    np.testing.assert_array_equal(r[0:3], q[0:3])  # positions pass through
+    np.testing.assert_array_equal(r[9:12], q[7:10])
+    for quat, six in ((q[3:7], r[3:9]), (q[10:14], r[12:18]), (q[17:21], r[21:27])):
+        x, y, z, w = quat.astype(np.float64)  # xyzw: the matrix's first two columns by the textbook formula
+        cols = [1 - 2 * (y * y + z * z), 2 * (x * y + w * z), 2 * (x * z - w * y),
+                2 * (x * y - w * z), 1 - 2 * (x * x + z * z), 2 * (y * z + w * x)]
+        np.testing.assert_allclose(six, cols, atol=1e-5)
+    np.testing.assert_array_equal(mat_to_rot6d(np.eye(3)), [1, 0, 0, 0, 1, 0])
+    with pytest.raises(ValueError, match="rotations"):
+        envs.make_env("can", rotations="euler")
+    quat_env.close()
+    rot_env.close()
