@@ -183,6 +183,8 @@ def sample(denoiser: Callable, ctx: Context, noise: torch.Tensor, sampler: Sampl
         sampler = build_sampler(sampler)
     if not isinstance(ctx, Context):
         raise TypeError(f"ctx must be a Context made by the denoiser's prepare(), got {type(ctx).__name__}")
+    if guidance is not None:
+        ctx.at_step(0).uncond()  # a denoiser without a null condition refuses before any model call
     t_values = torch.tensor(sampler.timesteps, dtype=torch.float32, device=noise.device)
     if clock is not None:
         clock.begin_chunk(noise.shape[0], sampler.config.kind, sampler.timesteps)

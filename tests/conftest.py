@@ -100,7 +100,10 @@ class Family:
         return pa.attach(self.denoiser, config, self.clock, self.binding, **kwargs)
 
     def schedule(self, steps) -> pa.Schedule:
-        return pa.Schedule(blocks={n: list(steps) for n in self.block_names}, num_steps=self.sampler.num_steps,
+        """Every block on `steps`; steps past the sampler's end are dropped (the suite's step lists are written
+        for 10+ step samplers, GR00T's native sampler has 4)."""
+        steps = [s for s in steps if s < self.sampler.num_steps]
+        return pa.Schedule(blocks={n: steps for n in self.block_names}, num_steps=self.sampler.num_steps,
                            sampler=self.sampler.kind, checkpoint_hash=self.binding.checkpoint_hash)
 
 
@@ -112,10 +115,27 @@ def make_family(name: str) -> Family:
         return Family(name, pa.DPTransformer(cfg), (2, 5), (8, 3), pa.SamplerConfig("ddim", 12, 12))
     if name == "guided_dit":
         return Family(name, TinyGuidedDiT(), (4,), (5, 3), pa.SamplerConfig("flow", 10), pa.Guidance(1.5))
+    if name in ("flow_smolvla", "flow_pi05"):  # VLA action experts over the built-in prefix encoder (obs history)
+        from policy_accel.models.flow_expert import FlowExpert, FlowExpertConfig
+        cfg = FlowExpertConfig(mode=name.removeprefix("flow_"), action_dim=3, horizon=8, n_layer=3, width=32, n_head=4,
+                               n_kv_head=2, head_dim=8, mlp_dim=48, obs_dim=5, n_obs_steps=2, prefix_width=24,
+                               prefix_mlp_dim=40)
+        return Family(name, FlowExpert(cfg), (2, 5), (8, 3), pa.SamplerConfig("flow", 10))
+    if name in ("groot_n15", "cogact"):  # action DiTs over a Linear stand-in for the VLM (obs history)
+        from policy_accel.models.action_dit import ActionDiT
+        arch = dict(mode=name, num_layers=3, num_heads=2, head_dim=8)
+        if name == "groot_n15":
+            arch |= dict(cross_attention_dim=16, vl_heads=2, vl_head_dim=8, hidden_size=16, num_future_tokens=2,
+                         max_seq_len=8)
+            return Family(name, ActionDiT(ActionDiT.config_for(5, 3, 8, 2, arch)), (2, 5), (8, 3),
+                          pa.SamplerConfig("flow", 4))
+        model = ActionDiT(ActionDiT.config_for(5, 3, 8, 2, arch | dict(cond_dim=16)))
+        torch.nn.init.normal_(model.final_layer.linear.weight, std=0.5)  # zero-initialised as in DiT
+        return Family(name, model, (2, 5), (8, 3), pa.SamplerConfig("ddim", 10), pa.Guidance(1.5))
     raise ValueError(name)
 
 
-FAMILIES = ["dp_t", "guided_dit"]
+FAMILIES = ["dp_t", "guided_dit", "flow_smolvla", "flow_pi05", "groot_n15", "cogact"]
 
 
 @pytest.fixture(params=FAMILIES)

@@ -29,3 +29,6 @@ def family(model_type: str):
 
 __all__ = ["FAMILIES", "ConditionCache", "CrossAttention", "DPTransformer", "DPTransformerConfig", "FeedForward",
            "SelfAttention", "family", "register_family"]
+
+# families that register themselves (after register_family exists: they import it from here)
+from policy_accel.models import action_dit, flow_expert  # noqa: E402, F401

@@ -1,0 +1,521 @@
+"""Action DiTs of VLA policies, nanoGPT-style: GR00T N1.5's flow-matching action head and CogACT's
+diffusion action model, one denoiser (`model_type="action_dit"`) switched by `ActionDiTConfig.mode`.
+
+GR00T N1.5 (LeRobot 0.4.4 `groot/action_head/`; tests/fixtures/vla/README.md), velocity:
+    tokens = [state_encoder(state) (1) | future_tokens (F) | action_encoder(x, t) + position_embedding (T)]
+    block i: h += attn(AdaLN(h; temb))  (even: cross-attention to the VL tokens, odd: self-attention)
+             h += ff(LN(h))             (GELU-tanh, 4x)
+    out = action_decoder(proj_out_2(LN(h) * (1 + scale) + shift))[-T:]   (shift, scale from temb)
+CogACT (microsoft/CogACT `action_model/models.py`), epsilon:
+    tokens = [t_embedder(t) + z_embedder(cognition) (1) | x_embedder(x) (T)] + positional_embedding
+    block i: h += attn(LN(h)); h += ff(LN(h));  out = final_layer(h)[1:]
+  or, with `adaln_zero` (DiT): c = t_emb + z_emb, h = x_emb + pos-emb, each branch modulated and gated by
+  shift/scale/gate = adaLN_modulation(c) (zero-initialised, so every block starts as the identity).
+
+    ctx = model.prepare(cond, timesteps)   # once per chunk: VL tokens + their K/V, state, per-step modulations
+    out = model(x, t, ctx.at_step(k))      # per sampler step; ctx.uncond(): CogACT's learned null condition
+
+Our flow sampler runs t from 1 (noise) to 0 with velocity noise - x0; GR00T runs t_g = 1 - t with
+v_g = x0 - noise and integer buckets int(t_g * 1000), so this model returns -v_g. Sampling buckets are
+upstream's int(k / N * 1000) (step k of N), computed in `prepare` from the sampler's timesteps.
+"""
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, field, fields, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from policy_accel.denoiser import Context
+from policy_accel.models import register_family
+from policy_accel.models.blocks import KV
+
+MODES = ("groot_n15", "cogact")
+GROOT_INPUTS, COGACT_INPUTS = ("backbone_features", "state", "embodiment_id"), ("cognition_features",)
+
+
+@dataclass
+class ActionDiTConfig:
+    action_dim: int
+    mode: str = "groot_n15"  # "groot_n15" (velocity, flow) | "cogact" (epsilon, DDIM + guidance)
+    horizon: int = 16  # action chunk
+    num_layers: int = 4
+    num_heads: int = 4
+    head_dim: int = 16  # width C = num_heads * head_dim
+    ff_mult: int = 4
+    dropout: float = 0.0  # branch-output dropout (GR00T upstream: 0.2; CogACT: 0)
+    obs_dim: int = 0  # > 0: flat observations (B, n_obs_steps, obs_dim) through `obs_proj`, a VLM stand-in
+    n_obs_steps: int = 1
+    # GR00T N1.5
+    cross_attention_dim: int = 64  # VL token width (backbone_embedding_dim)
+    hidden_size: int = 64  # DiT output_dim = state-encoder / action-decoder hidden width
+    state_dim: int = 0  # max_state_dim
+    num_embodiments: int = 1
+    num_future_tokens: int = 8  # num_target_vision_tokens
+    max_seq_len: int = 32  # rows of the action position table
+    vl_layers: int = 1  # vl_self_attention blocks; their heads * head_dim must equal cross_attention_dim
+    vl_heads: int = 2
+    vl_head_dim: int = 32
+    num_timestep_buckets: int = 1000
+    # CogACT
+    cond_dim: int = 64  # token_size: width of the cognition feature
+    class_dropout_prob: float = 0.1  # training: condition replaced by the learned null condition
+    adaln_zero: bool = False  # DiT adaLN-Zero conditioning instead of the in-context condition token
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"ActionDiTConfig.mode must be one of {MODES}, got {self.mode!r}")
+        groot = self.mode == "groot_n15"
+        positive = ["action_dim", "horizon", "num_layers", "num_heads", "head_dim", "ff_mult", "n_obs_steps"]
+        positive += ["cross_attention_dim", "hidden_size", "state_dim", "num_embodiments", "max_seq_len", "vl_heads",
+                     "vl_head_dim", "num_timestep_buckets"] if groot else ["cond_dim"]
+        for name in positive:
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"ActionDiTConfig.{name} must be a positive int, got {getattr(self, name)!r}")
+        if groot and self.vl_heads * self.vl_head_dim != self.cross_attention_dim:
+            raise ValueError(f"vl_heads * vl_head_dim = {self.vl_heads * self.vl_head_dim} must equal "
+                             f"cross_attention_dim {self.cross_attention_dim}")
+        if groot and self.horizon > self.max_seq_len:
+            raise ValueError(f"horizon {self.horizon} exceeds the position table (max_seq_len {self.max_seq_len})")
+        if groot and self.adaln_zero:
+            raise ValueError("adaln_zero is a CogACT-mode switch; GR00T N1.5 uses AdaLayerNorm on attention only")
+        if not 0 <= self.class_dropout_prob < 1 or not 0 <= self.dropout < 1:
+            raise ValueError("dropout probabilities must be in [0, 1)")
+
+    @property
+    def width(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @classmethod
+    def groot_n15(cls, action_dim: int = 32, state_dim: int = 64, **kw) -> "ActionDiTConfig":
+        """GR00T N1.5's real action head (1.07 B params: DiT blocks 0.54 B, vl_self_attention 0.20 B, the 32
+        embodiments' encoders / decoder 0.32 B). Sources:
+        16 blocks x 32 heads x 48 = 1536, cross_attention_dim = backbone_embedding_dim 2048, output_dim =
+        hidden_size 1024, vl_self_attention 4 x 32 x 64, 32 future tokens, max_seq_len 1024, 32 embodiments,
+        action_horizon 16, action_dim 32, max_state_dim 64, 4 inference steps, 1000 buckets: the public N1.5
+        checkpoint config.json as reported in tests/fixtures/vla/README.md (table "Tiny configuration");
+        max_seq_len 1024 / 32 embodiments / hidden_size 1024 are also the FlowmatchingActionHeadConfig defaults
+        (lerobot v0.4.4 flow_matching_action_head.py); FF 4x GELU-tanh, dropout 0.2, interleaved cross/self
+        blocks, AdaLayerNorm: cross_attention_dit.py (DiT, BasicTransformerBlock defaults) and the config."""
+        return cls(**{**dict(action_dim=action_dim, mode="groot_n15", horizon=16, num_layers=16, num_heads=32,
+                             head_dim=48, dropout=0.2, cross_attention_dim=2048, hidden_size=1024,
+                             state_dim=state_dim, num_embodiments=32, num_future_tokens=32, max_seq_len=1024,
+                             vl_layers=4, vl_heads=32, vl_head_dim=64), **kw})
+
+    @classmethod
+    def cogact(cls, size: str = "B", action_dim: int = 7, cond_dim: int = 4096, **kw) -> "ActionDiTConfig":
+        """CogACT's action model (microsoft/CogACT action_model/action_model.py: DiT-S 6 x 384 with 4 heads,
+        DiT-B 12 x 768 / 12 heads (the released models), DiT-L 24 x 1024 / 16 heads; models.py: mlp_ratio 4,
+        GELU-tanh, LayerNorm eps 1e-6 without affine, qkv bias, class_dropout_prob 0.1 with a learned
+        `uncondition`, token_size 4096 = the LLM width; vla/cogactvla.py: future_action_window_size 15 -> 16
+        actions, 7-d actions, cognition feature = the LLM's last hidden state at the last token).
+        Diffusion there (create_diffusion): 100 steps, squaredcos_cap_v2, epsilon, fixed-small variance,
+        sampled with DDIM-10 (timesteps 90, 80, ..., 0, eta 0), CFG 1.5, `clip_denoised=False`. Our DDPM/DDIM
+        schedule is Diffusion Policy's: the same 100-step squaredcos_cap_v2 betas (max 0.999), the same DDIM
+        timesteps and final alpha 1, but x0 is clipped to [-1, 1] at every step (CogACT clips only the final
+        actions), so a CogACT checkpoint sampled here differs only by that clipping."""
+        layers, width, heads = {"S": (6, 384, 4), "B": (12, 768, 12), "L": (24, 1024, 16)}[size]
+        return cls(**{**dict(action_dim=action_dim, mode="cogact", horizon=16, num_layers=layers, num_heads=heads,
+                             head_dim=width // heads, cond_dim=cond_dim), **kw})
+
+
+def _heads(z: torch.Tensor, h: int) -> torch.Tensor:  # (B, S, h*d) -> (B, h, S, d)
+    return z.view(z.shape[0], z.shape[1], h, -1).transpose(1, 2)
+
+
+def _modulate(x, shift, scale):  # x (B, T, C); shift, scale (B|1, C)
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class AdaLayerNorm(nn.Module):
+    """GR00T's norm1: LayerNorm (no affine) * (1 + scale) + shift, (scale, shift) = linear(SiLU(temb))."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.linear = nn.Linear(dim, 2 * dim)
+        self.norm = nn.LayerNorm(dim, eps, elementwise_affine=False)
+
+    def forward(self, x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:  # mod = linear(SiLU(temb)) (B|1, 2C)
+        scale, shift = mod.chunk(2, dim=-1)
+        return self.norm(x) * (1 + scale[:, None]) + shift[:, None]
+
+
+class Attention(nn.Module):
+    """Residual branch: norm1 -> multi-head attention (self, or cross to memory) -> to_out [-> gate].
+    norm: "ada" (GR00T AdaLayerNorm), "affine" / "plain" (LayerNorm with / without affine), "zero"
+    (plain LayerNorm, then shift/scale/gate from `mod`, DiT adaLN-Zero)."""
+
+    def __init__(self, dim, heads, head_dim, *, kv_dim=None, norm="plain", eps=1e-5, dropout=0.0):
+        super().__init__()
+        self.heads, self.style, self.is_cross = heads, norm, kv_dim is not None
+        self.norm1 = AdaLayerNorm(dim, eps) if norm == "ada" else nn.LayerNorm(dim, eps, norm == "affine")
+        self.to_q = nn.Linear(dim, heads * head_dim)
+        self.to_k = nn.Linear(kv_dim or dim, heads * head_dim)
+        self.to_v = nn.Linear(kv_dim or dim, heads * head_dim)
+        self.to_out = nn.ModuleList([nn.Linear(heads * head_dim, dim), nn.Dropout(dropout)])
+        self.final_dropout = nn.Dropout(dropout)
+
+    def kv(self, memory: torch.Tensor) -> KV:  # (B, S, kv_dim) -> keys, values (B, H, S, hd)
+        return _heads(self.to_k(memory), self.heads), _heads(self.to_v(memory), self.heads)
+
+    def forward(self, x, mod=None, memory=None):  # x (B, T, C); memory: VL tokens (B, S, D) or their KV
+        if self.style == "ada":
+            h = self.norm1(x, mod)
+        elif self.style == "zero":
+            shift, scale, gate = mod.chunk(3, dim=-1)
+            h = _modulate(self.norm1(x), shift, scale)
+        else:
+            h = self.norm1(x)
+        q = _heads(self.to_q(h), self.heads)  # (B, H, T, hd)
+        k, v = (memory if isinstance(memory, tuple) else self.kv(memory)) if self.is_cross else self.kv(h)
+        y = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, hd)
+        y = self.final_dropout(self.to_out[1](self.to_out[0](y.transpose(1, 2).flatten(2))))  # (B, T, C)
+        return gate[:, None] * y if self.style == "zero" else y
+
+
+class FeedForward(nn.Module):
+    """Residual branch: norm3 [-> shift/scale] -> Linear 4x -> GELU-tanh -> Linear [-> gate]."""
+
+    def __init__(self, dim, mult=4, *, norm="plain", eps=1e-5, dropout=0.0):
+        super().__init__()
+        self.style = norm
+        self.norm3 = nn.LayerNorm(dim, eps, norm == "affine")
+        gelu = nn.Sequential(OrderedDict(proj=nn.Linear(dim, mult * dim), act=nn.GELU("tanh")))  # diffusers' GELU
+        self.net = nn.Sequential(gelu, nn.Dropout(dropout), nn.Linear(mult * dim, dim), nn.Dropout(dropout))
+
+    def forward(self, x, mod=None):  # (B, T, C) -> (B, T, C)
+        if self.style != "zero":
+            return self.net(self.norm3(x))
+        shift, scale, gate = mod.chunk(3, dim=-1)
+        return gate[:, None] * self.net(_modulate(self.norm3(x), shift, scale))
+
+
+class Block(nn.Module):
+    def __init__(self, attn: Attention, ff: FeedForward, adaln_width: int = 0):
+        super().__init__()
+        self.attn, self.ff = attn, ff
+        if adaln_width:  # DiT adaLN-Zero: c -> (shift, scale, gate) of attn, then of ff
+            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(adaln_width, 6 * adaln_width))
+
+    def forward(self, hidden_states, attn_mod=None, ff_mod=None, memory=None):  # (B, T, C) -> (B, T, C)
+        x = hidden_states + self.attn(hidden_states, attn_mod, memory)
+        return x + self.ff(x, ff_mod)
+
+
+class CategorySpecificLinear(nn.Module):
+    """Per-embodiment Linear: W [E, in, out], b [E, out]; y = x @ W[e] + b[e] per row."""
+
+    def __init__(self, num: int, d_in: int, d_out: int):
+        super().__init__()
+        self.W = nn.Parameter(0.02 * torch.randn(num, d_in, d_out))
+        self.b = nn.Parameter(torch.zeros(num, d_out))
+
+    def select(self, ids: torch.Tensor) -> KV:  # (B,) -> W (B, in, out), b (B, out)
+        return self.W[ids], self.b[ids]
+
+    def forward(self, x, ids_or_selected):  # x (B, T, in): embodiment ids (B,) or (W, b) from select()
+        W, b = ids_or_selected if isinstance(ids_or_selected, tuple) else self.select(ids_or_selected)
+        return torch.bmm(x, W) + b.unsqueeze(1)
+
+
+class CategorySpecificMLP(nn.Module):
+    def __init__(self, num, d_in, d_hidden, d_out):
+        super().__init__()
+        self.layer1 = CategorySpecificLinear(num, d_in, d_hidden)
+        self.layer2 = CategorySpecificLinear(num, d_hidden, d_out)
+
+    def forward(self, x, sel):  # sel: ids (B,) or {"layer1": (W, b), "layer2": (W, b)}
+        s1, s2 = (sel["layer1"], sel["layer2"]) if isinstance(sel, dict) else (sel, sel)
+        return self.layer2(F.relu(self.layer1(x, s1)), s2)
+
+
+class MultiEmbodimentActionEncoder(nn.Module):
+    def __init__(self, action_dim, width, num):
+        super().__init__()
+        self.W1 = CategorySpecificLinear(num, action_dim, width)
+        self.W2 = CategorySpecificLinear(num, 2 * width, width)
+        self.W3 = CategorySpecificLinear(num, width, width)
+
+    def forward(self, x, tau, sel):  # x (B, T, Da), tau (B|1, C) time features, sel {"W1": (W, b), ...}
+        a = self.W1(x, sel["W1"])  # (B, T, C)
+        h = self.W2(torch.cat([a, tau[:, None].expand(a.shape)], dim=-1), sel["W2"])
+        return self.W3(h * torch.sigmoid(h), sel["W3"])  # swish
+
+
+class TimestepEncoder(nn.Module):
+    """GR00T temb: diffusers Timesteps(256, flip_sin_to_cos, shift 1) -> Linear, SiLU, Linear."""
+
+    def __init__(self, width: int, channels: int = 256):
+        super().__init__()
+        half = channels // 2
+        self.register_buffer("freqs", torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32)
+                                                / (half - 1)), persistent=False)
+        self.timestep_embedder = nn.ModuleDict(dict(linear_1=nn.Linear(channels, width),
+                                                    linear_2=nn.Linear(width, width)))
+
+    def forward(self, bucket: torch.Tensor) -> torch.Tensor:  # (N,) int64 -> (N, C)
+        e = bucket[:, None].float() * self.freqs[None]
+        e = torch.cat([e.cos(), e.sin()], dim=-1).to(self.timestep_embedder.linear_1.weight.dtype)
+        return self.timestep_embedder.linear_2(F.silu(self.timestep_embedder.linear_1(e)))
+
+
+class LabelEmbedder(nn.Module):  # CogACT's z_embedder: Linear over the condition, learned null condition
+    def __init__(self, d_in: int, width: int):
+        super().__init__()
+        self.linear = nn.Linear(d_in, width)
+        self.uncondition = nn.Parameter(0.02 * torch.randn(1, d_in))
+
+
+def _action_time_features(bucket: torch.Tensor, width: int) -> torch.Tensor:
+    """GR00T action-encoder time features: [sin(b f), cos(b f)], f = exp(-i ln(1e4) / (C/2)). (N,) -> (N, C)"""
+    half = width // 2
+    f = (-torch.arange(half, dtype=torch.float, device=bucket.device) * (torch.log(torch.tensor(10000.0)) / half)).exp()
+    a = bucket.float()[:, None] * f
+    return torch.cat([a.sin(), a.cos()], dim=-1)
+
+
+def _cogact_time_features(t: torch.Tensor, dim: int = 256) -> torch.Tensor:  # (N,) -> (N, 256): [cos, sin]
+    f = torch.exp(-math.log(10000) * torch.arange(dim // 2, dtype=torch.float32, device=t.device) / (dim // 2))
+    a = t[:, None].float() * f[None]
+    return torch.cat([a.cos(), a.sin()], dim=-1)
+
+
+@dataclass
+class StepTensors:
+    """One step's modulations: per block (attn_mod, ff_mod); the output modulation; GR00T's action-encoder
+    time features (tau); CogACT's time embedding (temb, in-context mode). Batch 1 (time only) or B."""
+
+    mods: list
+    out: torch.Tensor | None = None
+    tau: torch.Tensor | None = None
+    temb: torch.Tensor | None = None
+
+
+@dataclass
+class ActionDiTContext(Context):
+    prefix: torch.Tensor  # GR00T: [state ; future tokens] (B, 1+F, C); CogACT: condition embedding z (B, 1, C)
+    memory: list = field(default_factory=list)  # GR00T per block: VL K/V (cross blocks) or None
+    selected: dict | None = None  # GR00T: per-row embodiment weights of the action encoder / decoder
+    vl: torch.Tensor | None = None  # GR00T: VL tokens after vlln + vl_self_attention (B, S, D)
+    null: torch.Tensor | None = None  # CogACT: null-condition embedding (1, 1, C)
+    steps: list | None = None  # per sampler step: StepTensors (conditional branch)
+    null_steps: list | None = None  # per sampler step: StepTensors of the null branch (adaLN-Zero)
+    step: StepTensors | None = None  # the view of at_step(k)
+    null_step: StepTensors | None = None
+
+    def at_step(self, step: int) -> "ActionDiTContext":
+        if self.steps is None:
+            return self  # forward computes the step tensors from t
+        return replace(self, step=self.steps[step], null_step=self.null_steps[step] if self.null_steps else None)
+
+    def uncond(self) -> "ActionDiTContext":
+        if self.null is None:
+            raise ValueError("no null condition in this context (GR00T N1.5 is not trained with condition dropout, "
+                             "or this is the unconditional context already): guidance is not available")
+        return replace(self, prefix=self.null.expand_as(self.prefix), null=None, steps=self.null_steps or self.steps,
+                       null_steps=None, step=self.null_step or self.step, null_step=None)
+
+
+@register_family("action_dit")
+class ActionDiT(nn.Module):
+    cache_blocks = r"transformer_blocks\.\d+\.(attn|ff)"
+
+    @classmethod
+    def config_for(cls, obs_dim: int, action_dim: int, horizon: int, n_obs_steps: int, arch: dict) -> ActionDiTConfig:
+        """Config for flat observations: `arch` holds mode and sizes; GR00T's state is the latest observation."""
+        fixed = dict(obs_dim=obs_dim, action_dim=action_dim, horizon=horizon, n_obs_steps=n_obs_steps)
+        if arch.get("mode", "groot_n15") == "groot_n15":
+            fixed["state_dim"] = obs_dim
+        clash, known = set(fixed) & set(arch), {f.name for f in fields(ActionDiTConfig)}
+        if clash or set(arch) - known:
+            raise ValueError(f"bad architecture fields for action_dit: {sorted(clash | (set(arch) - known))} "
+                             "(unknown, or set by the policy)")
+        return ActionDiTConfig(**fixed, **arch)
+
+    def __init__(self, config: ActionDiTConfig):
+        super().__init__()
+        self.config = cfg = config
+        self.groot = cfg.mode == "groot_n15"
+        self.prediction = "velocity" if self.groot else "epsilon"
+        C, T = cfg.width, cfg.horizon
+        if self.groot:
+            if cfg.obs_dim:
+                self.obs_proj = nn.Linear(cfg.obs_dim, cfg.cross_attention_dim)  # obs step -> one VL token
+            self.timestep_encoder = TimestepEncoder(C)
+            self.transformer_blocks = nn.ModuleList(
+                Block(Attention(C, cfg.num_heads, cfg.head_dim, kv_dim=None if i % 2 else cfg.cross_attention_dim,
+                                norm="ada", dropout=cfg.dropout),
+                      FeedForward(C, cfg.ff_mult, dropout=cfg.dropout)) for i in range(cfg.num_layers))
+            self.norm_out = nn.LayerNorm(C, eps=1e-6, elementwise_affine=False)
+            self.proj_out_1, self.proj_out_2 = nn.Linear(C, 2 * C), nn.Linear(C, cfg.hidden_size)
+            E = cfg.num_embodiments
+            self.state_encoder = CategorySpecificMLP(E, cfg.state_dim, cfg.hidden_size, C)
+            self.action_encoder = MultiEmbodimentActionEncoder(cfg.action_dim, C, E)
+            self.action_decoder = CategorySpecificMLP(E, cfg.hidden_size, cfg.hidden_size, cfg.action_dim)
+            self.future_tokens = nn.Embedding(cfg.num_future_tokens, C)
+            self.vlln = nn.LayerNorm(cfg.cross_attention_dim)
+            self.vl_self_attention = nn.ModuleDict(dict(transformer_blocks=nn.ModuleList(  # pre-LN, no final norm
+                Block(Attention(cfg.cross_attention_dim, cfg.vl_heads, cfg.vl_head_dim, norm="affine",
+                                dropout=cfg.dropout), FeedForward(cfg.cross_attention_dim, norm="affine",
+                                                                  dropout=cfg.dropout)) for _ in range(cfg.vl_layers))))
+            self.position_embedding = nn.Embedding(cfg.max_seq_len, C)
+            for emb in (self.future_tokens, self.position_embedding):
+                nn.init.normal_(emb.weight, std=0.02)
+            return
+        if cfg.obs_dim:
+            self.obs_proj = nn.Linear(cfg.n_obs_steps * cfg.obs_dim, cfg.cond_dim)  # obs history -> cognition
+        norm, zero = ("zero", C) if cfg.adaln_zero else ("plain", 0)
+        self.x_embedder = nn.ModuleDict(dict(linear=nn.Linear(cfg.action_dim, C)))
+        self.t_embedder = nn.ModuleDict(dict(mlp=nn.Sequential(nn.Linear(256, C), nn.SiLU(), nn.Linear(C, C))))
+        self.z_embedder = LabelEmbedder(cfg.cond_dim, C)
+        self.positional_embedding = nn.Parameter(C ** -0.5 * torch.randn(T + (0 if zero else 1), C))
+        self.transformer_blocks = nn.ModuleList(
+            Block(Attention(C, cfg.num_heads, cfg.head_dim, norm=norm, eps=1e-6, dropout=cfg.dropout),
+                  FeedForward(C, cfg.ff_mult, norm=norm, eps=1e-6, dropout=cfg.dropout), zero)
+            for _ in range(cfg.num_layers))
+        self.final_layer = nn.ModuleDict(dict(norm_final=nn.LayerNorm(C, 1e-6, elementwise_affine=False),
+                                              linear=nn.Linear(C, cfg.action_dim)))
+        if zero:
+            self.final_layer["adaLN_modulation"] = nn.Sequential(nn.SiLU(), nn.Linear(C, 2 * C))
+        for name, m in self.named_modules():  # CogACT / DiT initialisation
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+                if name.startswith(("x_embedder", "z_embedder", "t_embedder")):
+                    nn.init.normal_(m.weight, std=0.02)
+                if name.startswith("final_layer") or "adaLN" in name:
+                    nn.init.zeros_(m.weight)
+
+    def optim_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW groups: decay Linear and per-embodiment weights only (not biases, norms, embeddings, null)."""
+        decay = {f"{n}.weight" for n, m in self.named_modules() if isinstance(m, nn.Linear)}
+        decay |= {f"{n}.W" for n, m in self.named_modules() if isinstance(m, CategorySpecificLinear)}
+        params = dict(self.named_parameters())
+        return [{"params": [p for n, p in params.items() if n in decay], "weight_decay": weight_decay},
+                {"params": [p for n, p in params.items() if n not in decay], "weight_decay": 0.0}]
+
+    # ---------------------------------------------------------------- once per chunk
+    def _inputs(self, cond) -> dict:
+        """Flat obs (B, To, obs_dim) or a mapping of upstream's inputs -> validated upstream inputs."""
+        cfg, names = self.config, GROOT_INPUTS if self.groot else COGACT_INPUTS
+        if isinstance(cond, torch.Tensor):
+            if not cfg.obs_dim:
+                raise ValueError(f"this action DiT has no observation projection (obs_dim=0): pass a mapping with "
+                                 f"{names}")
+            if cond.ndim != 3 or cond.shape[1:] != (cfg.n_obs_steps, cfg.obs_dim):
+                raise ValueError(f"cond must be (B, {cfg.n_obs_steps}, {cfg.obs_dim}), got {tuple(cond.shape)}")
+            if not self.groot:
+                return {"cognition_features": self.obs_proj(cond.flatten(1))[:, None]}
+            return {"backbone_features": self.obs_proj(cond), "state": cond[:, -1:],
+                    "embodiment_id": torch.zeros(len(cond), dtype=torch.long, device=cond.device)}
+        extra = set(cond) - set(names) - {"backbone_attention_mask"}  # the mask: upstream never reads it
+        if extra or set(names) - set(cond):
+            raise ValueError(f"cond mapping must hold exactly {names}, got {sorted(cond)}")
+        B = len(cond[names[0]])
+        want = {"backbone_features": (B, None, cfg.cross_attention_dim), "state": (B, 1, cfg.state_dim),
+                "embodiment_id": (B,), "cognition_features": (B, 1, cfg.cond_dim)}
+        for name in names:
+            shape, w = tuple(cond[name].shape), want[name]
+            if len(shape) != len(w) or any(a is not None and a != s for a, s in zip(w, shape, strict=True)):
+                raise ValueError(f"cond[{name!r}] must have shape {want[name]} (None: any length >= 1), got {shape}")
+        if self.groot:
+            ids = cond["embodiment_id"]
+            if ids.dtype.is_floating_point or ids.dtype == torch.bool or cond["backbone_features"].shape[1] == 0:
+                raise ValueError("embodiment_id must be integer and backbone_features must hold >= 1 token")
+            if ((ids < 0) | (ids >= cfg.num_embodiments)).any():
+                raise ValueError(f"embodiment_id {ids.tolist()} out of range [0, {cfg.num_embodiments})")
+        return dict(cond)
+
+    def prepare(self, cond, timesteps=None) -> ActionDiTContext:
+        """Once per chunk: condition tokens (and GR00T's VL K/V per cross block, state token, embodiment
+        weights); with the sampler's `timesteps`, every step's time embedding and modulations too."""
+        c = self._inputs(cond)
+        if self.groot:
+            ids = c["embodiment_id"]
+            vl = self.vlln(c["backbone_features"])  # (B, S, D)
+            for block in self.vl_self_attention.transformer_blocks:
+                vl = block(vl)
+            B = len(vl)
+            selected = {f"W{i}": getattr(self.action_encoder, f"W{i}").select(ids) for i in (1, 2, 3)}
+            selected |= {f"layer{i}": getattr(self.action_decoder, f"layer{i}").select(ids) for i in (1, 2)}
+            state = self.state_encoder(c["state"], ids)  # (B, 1, C)
+            prefix = torch.cat([state, self.future_tokens.weight.expand(B, -1, -1)], dim=1)  # (B, 1+F, C)
+            memory = [b.attn.kv(vl) if b.attn.is_cross else None for b in self.transformer_blocks]
+            ctx = ActionDiTContext(prefix, memory, selected, vl)
+        else:
+            z = c["cognition_features"]
+            if self.training and self.config.class_dropout_prob > 0:  # CogACT's condition dropout
+                drop = torch.rand(len(z), device=z.device) < self.config.class_dropout_prob
+                z = torch.where(drop[:, None, None], self.z_embedder.uncondition, z)
+            ctx = ActionDiTContext(self.z_embedder.linear(z), null=self.z_embedder.linear(self.z_embedder.uncondition
+                                                                                           )[None])  # (1, 1, C)
+        if timesteps is not None:
+            ts = torch.tensor([float(t) for t in timesteps], device=ctx.prefix.device)
+            ctx.steps = [self._step_tensors(self._time(ts[k:k + 1], len(ts)), ctx.prefix) for k in range(len(ts))]
+            if self.config.adaln_zero:
+                ctx.null_steps = [self._step_tensors(self._time(ts[k:k + 1], len(ts)), ctx.null.expand_as(ctx.prefix))
+                                  for k in range(len(ts))]
+        return ctx
+
+    def _time(self, t: torch.Tensor, num_steps: int | None = None) -> torch.Tensor:
+        """The model's time input: GR00T bucket (int64) or CogACT train step. With `num_steps` (sampling on
+        the flow grid t = 1 - k/N), GR00T's bucket is upstream's int(k / N * buckets)."""
+        if not self.groot:
+            return t
+        nb = self.config.num_timestep_buckets
+        if num_steps is None:  # training / unprepared step: t_g = 1 - t
+            return ((1 - t) * nb).long()
+        k = [round((1 - float(v)) * num_steps) for v in t]
+        if any(abs((1 - float(v)) * num_steps - j) > 1e-4 or not 0 <= j < num_steps for v, j in zip(t, k, strict=True)):
+            raise ValueError(f"GR00T buckets need the flow grid t = 1 - k/{num_steps}; got timesteps {t.tolist()}")
+        return torch.tensor([int(j / num_steps * nb) for j in k], device=t.device)
+
+    def _step_tensors(self, time: torch.Tensor, z: torch.Tensor) -> StepTensors:
+        """Per-step tensors from the time input (N,) with N = 1 or B (and, adaLN-Zero, the condition z)."""
+        if self.groot:
+            temb = F.silu(self.timestep_encoder(time))  # (N, C)
+            return StepTensors([(b.attn.norm1.linear(temb), None) for b in self.transformer_blocks],
+                               self.proj_out_1(temb), tau=_action_time_features(time, self.config.width))
+        temb = self.t_embedder.mlp(_cogact_time_features(time))  # (N, C)
+        if not self.config.adaln_zero:
+            return StepTensors([(None, None)] * len(self.transformer_blocks), temb=temb)
+        c = temb + z[:, 0]  # (B, C)
+        return StepTensors([tuple(b.adaLN_modulation(c).chunk(2, dim=-1)) for b in self.transformer_blocks],
+                           self.final_layer.adaLN_modulation(c))
+
+    # ---------------------------------------------------------------- per step
+    def forward(self, sample: torch.Tensor, timestep, ctx: ActionDiTContext) -> torch.Tensor:
+        """sample (B, T, Da), timestep 0-dim or (B,), ctx from prepare -> velocity (GR00T) or epsilon (B, T, Da)."""
+        B, T, Da = sample.shape
+        if not isinstance(ctx, ActionDiTContext):
+            raise TypeError(f"ctx must be the ActionDiTContext made by prepare(), got {type(ctx).__name__}")
+        if (T, Da) != (self.config.horizon, self.config.action_dim) or len(ctx.prefix) != B:
+            raise ValueError(f"sample must be ({len(ctx.prefix)}, {self.config.horizon}, {self.config.action_dim}) "
+                             f"for this context, got {tuple(sample.shape)}")
+        step = ctx.step
+        if step is None:
+            t = torch.as_tensor(timestep, device=sample.device)
+            if t.ndim > 1 or (t.ndim == 1 and len(t) != B):
+                raise ValueError(f"timestep must be a scalar or shape ({B},), got {tuple(t.shape)}")
+            step = self._step_tensors(self._time(t.reshape(-1)), ctx.prefix)
+        if self.groot:
+            a = self.action_encoder(sample, step.tau, ctx.selected) + self.position_embedding.weight[:T]
+            h = torch.cat([ctx.prefix, a], dim=1)  # (B, 1+F+T, C)
+            for block, (mod, _), kv in zip(self.transformer_blocks, step.mods, ctx.memory, strict=True):
+                h = block(h, mod, None, kv)
+            shift, scale = step.out.chunk(2, dim=-1)
+            h = self.proj_out_2(_modulate(self.norm_out(h), shift, scale))[:, -T:]  # (B, T, hidden)
+            return -self.action_decoder(h, ctx.selected)  # -v_g = noise - x0
+        x = self.x_embedder.linear(sample)  # (B, T, C)
+        if self.config.adaln_zero:
+            h = x + self.positional_embedding
+            for block, (am, fm) in zip(self.transformer_blocks, step.mods, strict=True):
+                h = block(h, am, fm)
+            shift, scale = step.out.chunk(2, dim=-1)
+            return self.final_layer.linear(_modulate(self.final_layer.norm_final(h), shift, scale))
+        h = torch.cat([step.temb[:, None] + ctx.prefix, x], dim=1) + self.positional_embedding  # (B, 1+T, C)
+        for block in self.transformer_blocks:
+            h = block(h)
+        return self.final_layer.linear(self.final_layer.norm_final(h))[:, 1:]

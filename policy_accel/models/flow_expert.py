@@ -1,0 +1,470 @@
+"""Flow-matching action experts over a VLM prefix K/V: SmolVLA, π0 and π0.5 (LeRobot's re-implementations of
+openpi / SmolVLA), nanoGPT-style, one config switching the three modes.
+
+    prefix K/V per layer (keys after RoPE) + pad mask   (a VLM's prefix pass, or the built-in stand-in from obs)
+    action tokens x_t (B, H, Da) -> action_in_proj -> time: SmolVLA / π0  cat[a, sin-cos(t)] -> MLP (swish)
+                                                              π0.5        adaptive RMSNorm (scale/shift/gate)
+    n_layer pre-norm layers: x += layers[i].attn(x, prefix K/V of layer i); x += layers[i].mlp(x)
+    final RMSNorm -> action_out_proj -> velocity (noise - x0); t runs from 1 (noise) to 0
+
+Attention per mode: SmolVLA's even layers attend jointly to [VLM layer i's prefix K/V ; own K/V] (causal among
+actions), its odd layers cross-attend to the prefix K/V re-projected by their own k_proj/v_proj; every π0 / π0.5
+layer attends jointly to [prefix K/V ; own K/V] (bidirectional among actions). π0's state token (a suffix token
+upstream) sees only the prefix and itself, so its K/V in every layer is computed once per chunk in `prepare`,
+with the prefix K/V, masks, RoPE tables, cross-layer K/V and per-step time features (π0.5: all norm modulations).
+
+    ctx = model.prepare(prefix_or_obs, timesteps)     # once per chunk (the Denoiser seam)
+    v = model(x, t, ctx.at_step(k))                   # per sampling step
+    v = model(x, t_batch, model.prepare(obs))         # training: one t per row
+"""
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from policy_accel.denoiser import Context
+from policy_accel.models import register_family
+
+MODES = ("smolvla", "pi0", "pi05")
+NEG = torch.finfo(torch.float32).min  # masked logits, as upstream (not -inf: a fully masked row stays finite)
+KV = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class FlowExpertConfig:
+    mode: str = "smolvla"  # "smolvla" | "pi0" | "pi05"
+    action_dim: int = 32
+    horizon: int = 50  # action chunk length
+    n_layer: int = 16  # expert layers = VLM layers whose K/V it reads (layer i reads VLM layer i)
+    width: int = 720
+    n_head: int = 15  # q heads; q width n_head * head_dim may differ from width
+    n_kv_head: int = 5  # of the expert and of the prefix K/V
+    head_dim: int = 64
+    mlp_dim: int = 2048
+    self_attn_every_n_layers: int = 2  # SmolVLA: layer i self-attends iff i % n == 0, else cross-attends
+    min_period: float = 4e-3  # sine-cosine time embedding
+    max_period: float = 4.0
+    rope_max_wavelength: float = 10_000.0
+    prefix_len: int = 241  # prefix tokens of the upstream model (random_prefix, for profiling)
+    obs_dim: int = 0  # > 0: a built-in prefix encoder (stand-in VLM) turns obs (B, n_obs_steps, obs_dim) into a prefix
+    n_obs_steps: int = 1
+    prefix_width: int = 960  # built-in prefix encoder width and MLP
+    prefix_mlp_dim: int = 2560
+    state_dim: int = 0  # π0 only: the state token's input (from obs: the current observation)
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"unknown flow expert mode {self.mode!r}; expected one of {MODES}")
+        for name in ("action_dim", "horizon", "n_layer", "width", "n_head", "n_kv_head", "head_dim", "mlp_dim",
+                     "self_attn_every_n_layers", "prefix_len", "n_obs_steps", "prefix_width", "prefix_mlp_dim"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"FlowExpertConfig.{name} must be a positive int, got {getattr(self, name)!r}")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head {self.n_head} must be a multiple of n_kv_head {self.n_kv_head}")
+        if self.head_dim % 2 or self.width % 2:
+            raise ValueError(f"head_dim ({self.head_dim}) and width ({self.width}) must be even (RoPE, sin-cos time)")
+        if (self.mode == "pi0") != (self.state_dim > 0):
+            raise ValueError(f"state_dim={self.state_dim} with mode {self.mode!r}: π0 needs its state token "
+                             "(state_dim > 0); SmolVLA and π0.5 carry the state in the prefix (state_dim = 0)")
+
+    def is_cross(self, layer: int) -> bool:
+        return self.mode == "smolvla" and layer % self.self_attn_every_n_layers != 0
+
+    @classmethod
+    def smolvla(cls, **kw) -> "FlowExpertConfig":
+        """SmolVLA (LeRobot `policies/smolvla`) at its real size.
+
+        n_layer 16: `SmolVLAConfig.num_vlm_layers` = 16 and `num_expert_layers` = -1 (expert layers = VLM layers,
+        `SmolVLMWithExpertModel.__init__`); width 720 = int(960 × `expert_width_multiplier` 0.75); q heads 15,
+        kv heads 5, head_dim 64 and prefix_width 960, prefix_mlp_dim 2560: the VLM text config the expert config
+        is deep-copied from (SmolVLM-500M's SmolLM2 text model, HF config.json); mlp_dim 2048 =
+        `get_intermediate_size(720)` (smolvlm_with_expert.py); self_attn_every_n_layers 2 and attention_mode
+        "cross_attn" (configuration_smolvla.py); horizon 50 = `chunk_size`, action_dim 32 = `max_action_dim`,
+        10 steps = `num_steps`; min/max period 4e-3 / 4.0; RoPE max_wavelength 10000 (`apply_rope`).
+        prefix_len 241 = 3 cameras × 64 tokens (512 px, patch 16, pixel shuffle ×4: `image_seq_len` 64 in the
+        SmolVLM2-500M processor_config.json) + `tokenizer_max_length` 48 + 1 state token (`embed_prefix`).
+        """
+        return cls(**{**dict(mode="smolvla", action_dim=32, horizon=50, n_layer=16, width=720, n_head=15,
+                             n_kv_head=5, head_dim=64, mlp_dim=2048, prefix_len=3 * 64 + 48 + 1,
+                             prefix_width=960, prefix_mlp_dim=2560), **kw})
+
+    @classmethod
+    def pi0(cls, **kw) -> "FlowExpertConfig":
+        """π0 (LeRobot `policies/pi0`, a port of openpi) at its real size.
+
+        Expert = `get_gemma_config("gemma_300m")` (modeling_pi0.py, `PI0Config.action_expert_variant`): 18 layers
+        × 1024, 8 q heads / 1 kv head × 256, MLP 4096 (GeGLU, `hidden_activation` gelu_pytorch_tanh); the VLM =
+        "gemma_2b" (`paligemma_variant`): width 2048, MLP 16384, same 18 layers and heads. RMSNorm eps 1e-6 with
+        (1 + weight) (`PiGemmaRMSNorm`). horizon 50 = `chunk_size`, action/state dims 32 = `max_action_dim` /
+        `max_state_dim`, 10 steps = `num_inference_steps` (configuration_pi0.py). prefix_len 816 = 3 images ×
+        256 SigLIP tokens (224 px / patch 14, `image_resolution`) + `tokenizer_max_length` 48.
+        """
+        return cls(**{**dict(mode="pi0", action_dim=32, horizon=50, n_layer=18, width=1024, n_head=8, n_kv_head=1,
+                             head_dim=256, mlp_dim=4096, prefix_len=3 * 256 + 48, prefix_width=2048,
+                             prefix_mlp_dim=16384, state_dim=32), **kw})
+
+    @classmethod
+    def pi05(cls, **kw) -> "FlowExpertConfig":
+        """π0.5 (LeRobot `policies/pi05`) at its real size: the π0 expert and VLM (`get_gemma_config`, same
+        variants in configuration_pi05.py) with adaptive RMSNorm (`use_adarms=[False, True]`,
+        `PiGemmaRMSNorm(cond_dim=1024)`); no state token (the state is discretised into the prompt,
+        processor_pi05.py); prefix_len 968 = 3 × 256 image tokens + `tokenizer_max_length` 200.
+        """
+        return cls(**{**dict(mode="pi05", action_dim=32, horizon=50, n_layer=18, width=1024, n_head=8, n_kv_head=1,
+                             head_dim=256, mlp_dim=4096, prefix_len=3 * 256 + 200, prefix_width=2048,
+                             prefix_mlp_dim=16384, state_dim=0), **kw})
+
+
+@dataclass
+class Prefix:
+    """The VLM side of one chunk (what a VLM prefix pass produces)."""
+
+    kv: list[KV]  # per VLM layer: keys (after RoPE) and values, (B, n_kv_head, Lp, head_dim)
+    pad_mask: torch.Tensor  # (B, Lp) bool, True = valid token
+    state: torch.Tensor | None = None  # (B, state_dim): π0's state token
+
+
+@dataclass
+class FlowContext(Context):
+    """Per chunk: each layer's K/V (joint layers: prefix [+ π0 state] keys after RoPE; cross layers: re-projected),
+    additive masks, RoPE tables; optionally per-step time features (`time`, one row per sampler step)."""
+
+    kv: list[KV]
+    mask: torch.Tensor  # (B, 1, H, L + H) joint layers: prefix (+ state) and action keys
+    rope: tuple[torch.Tensor, torch.Tensor]  # cos, sin (B, 1, H, head_dim / 2) of the action positions
+    cross_mask: torch.Tensor | None = None  # (B, 1, 1, Lp) cross layers
+    cross_rope: tuple[torch.Tensor, torch.Tensor] | None = None  # (1, 1, H, head_dim / 2): positions from 0
+    time: torch.Tensor | None = None  # (K, C) time embeddings, π0.5: (K, 2 n_layer + 1, 3C) norm modulations
+    step_time: torch.Tensor | None = None  # time[k:k+1], set by at_step(k)
+
+    def at_step(self, step: int) -> "FlowContext":
+        """The view for sampler step `step` (a tensor slice: no int reaches the forward)."""
+        if self.time is None:
+            return self
+        if not 0 <= step < len(self.time):
+            raise IndexError(f"step {step}: this context was prepared for {len(self.time)} sampler steps")
+        return replace(self, step_time=self.time[step:step + 1])
+
+    @property
+    def batch_size(self) -> int:
+        return self.mask.shape[0]
+
+
+def time_embedding(t: torch.Tensor, dim: int, min_period: float, max_period: float) -> torch.Tensor:
+    """Sine-cosine embedding of t (N,) -> (N, dim), computed in float64 as upstream, returned as float32."""
+    fraction = torch.linspace(0.0, 1.0, dim // 2, dtype=torch.float64, device=t.device)
+    period = min_period * (max_period / min_period) ** fraction
+    angle = t.double()[:, None] * (1.0 / period * 2 * math.pi)
+    return torch.cat([angle.sin(), angle.cos()], dim=-1).float()
+
+
+def rope_table(pos: torch.Tensor, head_dim: int, max_wavelength: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions (N, T) -> cos, sin (N, 1, T, head_dim / 2) in float32 (split-halves RoPE)."""
+    exponents = (2.0 / head_dim) * torch.arange(head_dim // 2, dtype=torch.float32, device=pos.device)
+    radians = pos.float()[..., None] / max_wavelength ** exponents
+    return radians.cos()[:, None], radians.sin()[:, None]
+
+
+def rotate(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:  # (B, h, T, hd) -> same
+    cos, sin = rope
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def additive(allowed: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(allowed.shape, device=allowed.device).masked_fill(~allowed, NEG)
+
+
+class RMSNorm(nn.Module):
+    """style "llama": w·x/rms (SmolVLA); "gemma": (1 + w)·x/rms (π0); "ada": (1 + scale)·x/rms + shift (π0.5),
+    with (scale, shift, gate) = dense(time condition), precomputed and passed in as `mod` (N, 1, 3C)."""
+
+    def __init__(self, dim: int, eps: float, style: str):
+        super().__init__()
+        self.eps, self.style = eps, style
+        if style == "ada":
+            self.dense = nn.Linear(dim, 3 * dim)
+        else:
+            self.weight = nn.Parameter(torch.ones(dim) if style == "llama" else torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor, mod: torch.Tensor | None = None) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
+        h = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.style == "llama":
+            return self.weight * h.to(x.dtype)
+        if self.style == "gemma":
+            return (h * (1.0 + self.weight.float())).to(x.dtype)
+        scale, shift, _ = mod.chunk(3, dim=-1)
+        return (h * (1 + scale) + shift).to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Pre-norm attention block; returns the residual-branch output o_proj(...) (π0.5: × gate)."""
+
+    def __init__(self, cfg: FlowExpertConfig, width: int, style: str, eps: float, cross: bool):
+        super().__init__()
+        self.cross, self.n_head, self.n_kv_head, self.head_dim = cross, cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        kv_width = cfg.n_kv_head * cfg.head_dim
+        self.input_layernorm = RMSNorm(width, eps, style)
+        self.q_proj = nn.Linear(width, cfg.n_head * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(kv_width if cross else width, kv_width, bias=False)  # cross: re-projects prefix K
+        self.v_proj = nn.Linear(kv_width if cross else width, kv_width, bias=False)
+        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, width, bias=False)
+
+    def heads(self, z: torch.Tensor) -> torch.Tensor:  # (B, T, h * hd) -> (B, h, T, hd)
+        return z.view(*z.shape[:2], -1, self.head_dim).transpose(1, 2)
+
+    def qkv(self, h: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Normed tokens (B, T, C) -> q (B, n_head, T, hd), k and v (B, n_kv_head, T, hd); q and k rotated."""
+        return rotate(self.heads(self.q_proj(h)), rope), rotate(self.heads(self.k_proj(h)), rope), \
+            self.heads(self.v_proj(h))
+
+    def cross_kv(self, k: torch.Tensor, v: torch.Tensor) -> KV:
+        """Prefix K/V (B, kvh, Lp, hd) -> this cross layer's K/V: k_proj/v_proj over the head-major flattening."""
+        flat = [z.transpose(1, 2).reshape(z.shape[0], z.shape[2], -1) for z in (k, v)]  # (B, Lp, kvh * hd)
+        return self.heads(self.k_proj(flat[0])), self.heads(self.v_proj(flat[1]))
+
+    def attend(self, q, k, v, mask) -> torch.Tensor:
+        """q (B, n_head, T, hd), k/v (B, n_kv_head, L, hd), additive mask (B, 1, T|1, L) -> o_proj out (B, T, C)."""
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_head != self.n_kv_head)
+        return self.o_proj(y.transpose(1, 2).flatten(2))
+
+    def forward(self, x: torch.Tensor, kv: KV, mask: torch.Tensor, rope, mod: torch.Tensor | None = None
+                ) -> torch.Tensor:  # x (B, T, C) residual stream -> (B, T, C) branch output
+        h = self.input_layernorm(x, mod)
+        if self.cross:  # K/V re-projected once per chunk; queries rotated from position 0
+            q, (k, v) = rotate(self.heads(self.q_proj(h)), rope), kv
+        else:  # joint: [prefix ; own tokens]
+            q, k, v = self.qkv(h, rope)
+            k, v = torch.cat([kv[0], k], dim=2), torch.cat([kv[1], v], dim=2)
+        out = self.attend(q, k, v, mask)
+        return out if mod is None else out * mod.chunk(3, dim=-1)[2]
+
+
+class MLP(nn.Module):
+    """Pre-norm gated MLP: down(act(gate(h)) * up(h)), SwiGLU (SmolVLA) or GeGLU-tanh (π0); π0.5: × gate."""
+
+    def __init__(self, width: int, mlp_dim: int, style: str, eps: float, gelu: bool):
+        super().__init__()
+        self.post_attention_layernorm = RMSNorm(width, eps, style)
+        self.gate_proj = nn.Linear(width, mlp_dim, bias=False)
+        self.up_proj = nn.Linear(width, mlp_dim, bias=False)
+        self.down_proj = nn.Linear(mlp_dim, width, bias=False)
+        self.act_fn = nn.GELU(approximate="tanh") if gelu else nn.SiLU()
+
+    def forward(self, x: torch.Tensor, mod: torch.Tensor | None = None) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
+        h = self.post_attention_layernorm(x, mod)
+        out = self.down_proj(self.act_fn(self.gate_proj(h)) * self.up_proj(h))
+        return out if mod is None else out * mod.chunk(3, dim=-1)[2]
+
+
+class Layer(nn.Module):
+    def __init__(self, cfg: FlowExpertConfig, width: int, mlp_dim: int, style: str, cross: bool = False):
+        super().__init__()
+        eps = 1e-5 if cfg.mode == "smolvla" else 1e-6  # Llama (SmolVLM text config) / Gemma rms_norm_eps
+        self.attn = Attention(cfg, width, style, eps, cross)
+        self.mlp = MLP(width, mlp_dim, style, eps, gelu=cfg.mode != "smolvla")
+
+
+def collect_kv(layers, h: torch.Tensor, rope, mask: torch.Tensor | None, past: list[KV] | None = None) -> list[KV]:
+    """Run tokens h (B, T, C) through joint layers (after `past` K/V if given) and return every layer's
+    [past ;] own K/V. The blocks' class forward is used, so a cache hook on an instance never sees these calls."""
+    kv = []
+    for i, layer in enumerate(layers):
+        q, k, v = layer.attn.qkv(layer.attn.input_layernorm(h), rope)  # (B, h, T, hd)
+        if past is not None:
+            k, v = torch.cat([past[i][0], k], dim=2), torch.cat([past[i][1], v], dim=2)
+        kv.append((k, v))
+        if i + 1 < len(layers):  # the last layer's outputs are not needed
+            h = h + layer.attn.attend(q, k, v, mask)
+            h = h + MLP.forward(layer.mlp, h)
+    return kv
+
+
+class PrefixEncoder(nn.Module):
+    """Stand-in for the VLM when the condition is an obs history: one token per obs step (Linear), n_layer
+    pre-norm layers with bidirectional attention, RoPE positions 0..To-1; keeps each layer's K/V."""
+
+    def __init__(self, cfg: FlowExpertConfig):
+        super().__init__()
+        style = "llama" if cfg.mode == "smolvla" else "gemma"
+        self.cfg = cfg
+        self.embed = nn.Linear(cfg.obs_dim, cfg.prefix_width)
+        self.layers = nn.ModuleList(Layer(cfg, cfg.prefix_width, cfg.prefix_mlp_dim, style) for _ in range(cfg.n_layer))
+
+    def forward(self, obs: torch.Tensor) -> Prefix:  # (B, To, obs_dim) -> Prefix with To tokens
+        B, To, _ = obs.shape
+        rope = rope_table(torch.arange(To, device=obs.device)[None], self.cfg.head_dim, self.cfg.rope_max_wavelength)
+        kv = collect_kv(self.layers, self.embed(obs), rope, None)
+        return Prefix(kv, torch.ones(B, To, dtype=torch.bool, device=obs.device))
+
+
+@register_family("flow_expert")
+class FlowExpert(nn.Module):
+    prediction = "velocity"
+    cache_blocks = r"layers\.\d+\.(attn|mlp)"
+
+    @classmethod
+    def config_for(cls, obs_dim: int, action_dim: int, horizon: int, n_obs_steps: int, arch: dict
+                   ) -> FlowExpertConfig:
+        """A flow expert over the built-in prefix encoder of `n_obs_steps` observations of `obs_dim` (π0: the
+        current observation is also the state token); `arch` holds mode and sizes (width, n_layer, ...)."""
+        fixed = dict(obs_dim=obs_dim, action_dim=action_dim, horizon=horizon, n_obs_steps=n_obs_steps)
+        if arch.get("mode") == "pi0":
+            fixed["state_dim"] = obs_dim
+        clash = set(fixed) & set(arch)
+        if clash:
+            raise ValueError(f"the architecture must not set {sorted(clash)}: they follow the policy's fields")
+        try:
+            return FlowExpertConfig(**fixed, **arch)
+        except TypeError as e:
+            raise ValueError(f"bad architecture field for flow_expert: {e}") from None
+
+    def __init__(self, config: FlowExpertConfig):
+        super().__init__()
+        self.config = cfg = config
+        C, style = cfg.width, {"smolvla": "llama", "pi0": "gemma", "pi05": "ada"}[cfg.mode]
+        self.action_in_proj = nn.Linear(cfg.action_dim, C)
+        if cfg.mode == "pi05":  # time -> adaptive-norm condition
+            self.time_mlp_in, self.time_mlp_out = nn.Linear(C, C), nn.Linear(C, C)
+        else:  # time concatenated with the action embedding
+            self.action_time_mlp_in, self.action_time_mlp_out = nn.Linear(2 * C, C), nn.Linear(C, C)
+        if cfg.mode == "pi0":
+            self.state_proj = nn.Linear(cfg.state_dim, C)
+        self.layers = nn.ModuleList(Layer(cfg, C, cfg.mlp_dim, style, cfg.is_cross(i)) for i in range(cfg.n_layer))
+        self.norm = RMSNorm(C, 1e-5 if cfg.mode == "smolvla" else 1e-6, style)
+        self.action_out_proj = nn.Linear(C, cfg.action_dim)
+        self.prefix_encoder = PrefixEncoder(cfg) if cfg.obs_dim else None
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, RMSNorm) and module.style == "ada":  # upstream: zero weight, default bias
+            nn.init.zeros_(module.dense.weight)
+            bound = 1 / math.sqrt(module.dense.in_features)
+            nn.init.uniform_(module.dense.bias, -bound, bound)
+
+    def optim_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW groups: decay Linear weights only (not biases or norms); adaptive-norm projections included."""
+        decay = {f"{n}.weight" for n, m in self.named_modules() if isinstance(m, nn.Linear)}
+        params = dict(self.named_parameters())
+        return [{"params": [p for n, p in params.items() if n in decay], "weight_decay": weight_decay},
+                {"params": [p for n, p in params.items() if n not in decay], "weight_decay": 0.0}]
+
+    def random_prefix(self, batch: int, generator: torch.Generator | None = None) -> Prefix:
+        """A prefix of the upstream length (config.prefix_len) with N(0, 1) K/V, all valid (for profiling)."""
+        cfg, device = self.config, self.action_in_proj.weight.device
+        shape = (batch, cfg.n_kv_head, cfg.prefix_len, cfg.head_dim)
+        kv = [(torch.randn(shape, generator=generator).to(device), torch.randn(shape, generator=generator).to(device))
+              for _ in range(cfg.n_layer)]
+        state = torch.randn(batch, cfg.state_dim, generator=generator).to(device) if cfg.state_dim else None
+        return Prefix(kv, torch.ones(batch, cfg.prefix_len, dtype=torch.bool, device=device), state)
+
+    def _norms(self) -> list[RMSNorm]:
+        return [n for layer in self.layers for n in (layer.attn.input_layernorm, layer.mlp.post_attention_layernorm)
+                ] + [self.norm]
+
+    def _time_features(self, t: torch.Tensor) -> torch.Tensor:
+        """t (N,) -> time embedding (N, C); π0.5: every norm's (scale, shift, gate) (N, 2 n_layer + 1, 3C)."""
+        emb = time_embedding(t, self.config.width, self.config.min_period, self.config.max_period)
+        if self.config.mode != "pi05":
+            return emb
+        cond = F.silu(self.time_mlp_out(F.silu(self.time_mlp_in(emb))))  # (N, C)
+        return torch.stack([norm.dense(cond) for norm in self._norms()], dim=1)
+
+    def _prefix(self, cond) -> Prefix:
+        cfg = self.config
+        if isinstance(cond, Prefix):
+            prefix = cond
+        elif isinstance(cond, torch.Tensor):
+            if self.prefix_encoder is None:
+                raise ValueError("this flow expert has no built-in prefix encoder (obs_dim=0): pass a Prefix")
+            if cond.ndim != 3 or cond.shape[1:] != (cfg.n_obs_steps, cfg.obs_dim):
+                raise ValueError(f"obs condition must be (B, {cfg.n_obs_steps}, {cfg.obs_dim}), "
+                                 f"got {tuple(cond.shape)}")
+            prefix = self.prefix_encoder(cond)
+            prefix.state = cond[:, -1] if cfg.mode == "pi0" else None
+        else:
+            raise TypeError(f"cond must be a Prefix or an obs tensor, got {type(cond).__name__}")
+        pad = prefix.pad_mask
+        if not isinstance(pad, torch.Tensor) or pad.dtype != torch.bool or pad.ndim != 2:
+            raise ValueError("prefix pad_mask must be a bool tensor (B, Lp)")
+        if len(prefix.kv) != cfg.n_layer:
+            raise ValueError(f"prefix has K/V for {len(prefix.kv)} layers; the expert has {cfg.n_layer}")
+        want = (*pad.shape[:1], cfg.n_kv_head, pad.shape[1], cfg.head_dim)
+        for i, pair in enumerate(prefix.kv):
+            for name, z in zip(("key", "value"), pair, strict=True):
+                if tuple(z.shape) != want:
+                    raise ValueError(f"prefix layer {i} {name} has shape {tuple(z.shape)}; expected (B, n_kv_head, "
+                                     f"Lp, head_dim) = {want} for a pad mask of shape {tuple(pad.shape)}")
+        if cfg.mode == "pi0" and (prefix.state is None or tuple(prefix.state.shape) != (want[0], cfg.state_dim)):
+            got = None if prefix.state is None else tuple(prefix.state.shape)
+            raise ValueError(f"π0 needs the prefix's state (B, state_dim) = {(want[0], cfg.state_dim)}, got {got}")
+        return prefix
+
+    def prepare(self, cond, timesteps: list[float] | None = None) -> FlowContext:
+        """Everything fixed across denoising steps (once per chunk): `cond` is a Prefix (a VLM's per-layer K/V) or
+        an obs history (B, n_obs_steps, obs_dim) for the built-in prefix encoder. With `timesteps` (the sampler's
+        t values) the per-step time features are computed too, used through `ctx.at_step(k)`."""
+        cfg, H = self.config, self.config.horizon
+        prefix = self._prefix(cond)
+        pad, kv = prefix.pad_mask, list(prefix.kv)
+        B, dev = pad.shape[0], pad.device
+        start = pad.sum(-1, keepdim=True)  # (B, 1) the first suffix position: after the valid prefix tokens
+        table = lambda pos: rope_table(pos, cfg.head_dim, cfg.rope_max_wavelength)  # noqa: E731
+        if cfg.mode == "pi0":  # the state token sees the prefix and itself only: its K/V are fixed per chunk
+            pad = torch.cat([pad, torch.ones(B, 1, dtype=torch.bool, device=dev)], dim=1)
+            kv = collect_kv(self.layers, self.state_proj(prefix.state)[:, None], table(start),
+                            additive(pad)[:, None, None], past=kv)
+            start = start + 1
+        actions_see = torch.ones(H, H, dtype=torch.bool, device=dev)
+        if cfg.mode == "smolvla":  # causal among action tokens
+            actions_see = actions_see.tril()
+        allowed = torch.cat([pad[:, None, :].expand(B, H, -1), actions_see.expand(B, H, H)], dim=2)
+        ctx = FlowContext(kv, additive(allowed)[:, None], table(start + torch.arange(H, device=dev)))
+        if any(layer.attn.cross for layer in self.layers):
+            ctx.cross_mask = additive(prefix.pad_mask)[:, None, None]
+            ctx.cross_rope = table(torch.arange(H, device=dev)[None])
+            ctx.kv = [layer.attn.cross_kv(*prefix.kv[i]) if layer.attn.cross else kv[i]
+                      for i, layer in enumerate(self.layers)]
+        if timesteps is not None:
+            ctx.time = self._time_features(torch.tensor(timesteps, dtype=torch.float32, device=dev))
+        return ctx
+
+    def forward(self, x: torch.Tensor, t, ctx: FlowContext) -> torch.Tensor:
+        """x (B, H, Da) at time t (scalar or (B,)), ctx from `prepare` -> velocity (B, H, Da)."""
+        cfg = self.config
+        if not isinstance(ctx, FlowContext):
+            raise TypeError(f"ctx must be the FlowContext made by prepare(), got {type(ctx).__name__}")
+        B, H, _ = x.shape
+        if x.shape[1:] != (cfg.horizon, cfg.action_dim):
+            raise ValueError(f"actions must be (B, {cfg.horizon}, {cfg.action_dim}), got {tuple(x.shape)}")
+        if ctx.batch_size != B:
+            raise ValueError(f"context is for batch {ctx.batch_size}, actions have batch {B}")
+        time = ctx.step_time
+        if time is None:
+            t = torch.as_tensor(t, dtype=torch.float32, device=x.device).reshape(-1)
+            if t.shape[0] not in (1, B):
+                raise ValueError(f"t must be a scalar or shape ({B},), got {t.shape[0]} values")
+            time = self._time_features(t)  # (N, C) or π0.5 (N, 2L + 1, 3C)
+
+        h = self.action_in_proj(x)  # (B, H, C)
+        mods = None
+        if cfg.mode == "pi05":
+            mods = time[:, :, None]  # (N, 2L + 1, 1, 3C)
+        else:
+            h = torch.cat([h, time[:, None].expand(B, H, -1)], dim=-1)  # (B, H, 2C): action first, time second
+            h = self.action_time_mlp_out(F.silu(self.action_time_mlp_in(h)))  # (B, H, C)
+        for i, layer in enumerate(self.layers):
+            cross = layer.attn.cross
+            h = h + layer.attn(h, ctx.kv[i], ctx.cross_mask if cross else ctx.mask,
+                               ctx.cross_rope if cross else ctx.rope, None if mods is None else mods[:, 2 * i])
+            h = h + layer.mlp(h, None if mods is None else mods[:, 2 * i + 1])
+        h = self.norm(h, None if mods is None else mods[:, -1])  # (B, H, C)
+        return self.action_out_proj(h)  # (B, H, Da)
