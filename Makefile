@@ -57,9 +57,11 @@ ship-%: schedules-% card-rollout-%
 # checkpoints/<task>_dp_t/in_training (rewritten every 500 steps; commit it at each stop).
 # Niced, one thread: one job per core.  make train-can TRAIN_STEPS=6000
 TRAIN_STEPS ?= 6000
+# bf16 only where the CPU has avx512_bf16 (else emulated: many times slower than fp32)
+TRAIN_PRECISION ?= fp32
 train-%: $(STAMP) data/%_abs_rot6d.zarr
 	nice -n 19 $(PY) eval/train.py env=$* dataset=data/$*_abs_rot6d.zarr out_dir=runs/$*_abs_dp_t export_dir=null \
-		snapshot_dir=checkpoints/$*_dp_t/in_training steps=$(TRAIN_STEPS) save_every=500 precision=bf16 \
+		snapshot_dir=checkpoints/$*_dp_t/in_training steps=$(TRAIN_STEPS) save_every=500 precision=$(TRAIN_PRECISION) \
 		num_threads=1 progress=false \
 		$(if $(wildcard checkpoints/$*_dp_t/in_training/model.safetensors),init_from=checkpoints/$*_dp_t/in_training)
 	$(PY) eval/card.py checkpoint=checkpoints/$*_dp_t/in_training

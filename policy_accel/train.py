@@ -15,15 +15,21 @@ At the end the checkpoint is also written to `export_dir` (e.g. checkpoints/lift
 normalisers (same architecture and data range, else an error); its steps count toward the exported
 train_steps and its segments stay in the record.
 
+A stop (Ctrl-C, SIGTERM) finishes the current step, saves (state and snapshot) and raises
+KeyboardInterrupt, so no finished step is lost.
+
 A run longer than one sitting: `snapshot_dir=checkpoints/can_dp_t/in_training` writes, at every save,
 the EMA weights in fp16 there (one file, replaced each time; info.in_training = true) to be
 committed; the next sitting warm-starts from it with `init_from=` that folder.
 """
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,6 +170,21 @@ def _init_segment(policy: Policy, path: str, policy_config: PolicyConfig) -> dic
             "history": source.config.info.get("train_segments") or []}
 
 
+@contextlib.contextmanager
+def _stop_requests():
+    """While training: SIGINT / SIGTERM set a flag the loop checks between steps (main thread only)."""
+    flag = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = {sig: signal.signal(sig, lambda *_: flag.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def _trim_log(path: Path, step: int) -> None:
     """Drop log lines written after the state we resume from (the run died between log and save)."""
     if path.exists():
@@ -238,7 +259,7 @@ def train(cfg: TrainConfig) -> Path:
 
     bar = tqdm(total=cfg.steps, initial=step, disable=not cfg.progress, desc=f"train {cfg.env}", unit="step")
     running, count, t0 = torch.zeros((), device=device), 0, time.perf_counter()
-    with open(out / LOG_FILE, "a") as log:
+    with open(out / LOG_FILE, "a") as log, _stop_requests() as stop:
         while step < cfg.steps:
             obs, action = dataset.batch(batch_indices(step, len(dataset), cfg.batch_size, cfg.seed))
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
@@ -264,8 +285,11 @@ def train(cfg: TrainConfig) -> Path:
                 bar.set_postfix(loss=f"{mean:.4f}")
                 running.zero_()
                 count, t0 = 0, time.perf_counter()
-            if step % cfg.save_every == 0 or step == cfg.steps:
+            if step % cfg.save_every == 0 or step == cfg.steps or stop.is_set():
                 save()
+            if stop.is_set():
+                bar.close()
+                raise KeyboardInterrupt(f"training stopped at step {step}; state saved in {state_path}")
     bar.close()
     if not (out / CHECKPOINT_DIR / "model.safetensors").exists():  # resumed a finished run
         save()

@@ -124,6 +124,30 @@ def test_resume_is_exact(dataset_path, tmp_path, monkeypatch):
 
 
 
+def test_a_stop_signal_finishes_the_step_saves_and_resumes_exactly(dataset_path, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    full = torch.load(train(tiny(dataset_path, tmp_path / "full")).parent / STATE_FILE, weights_only=False)
+
+    def sigterm_during_6th_update(step, *args):
+        if step == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return batch_indices(step, *args)
+
+    monkeypatch.setattr("policy_accel.train.batch_indices", sigterm_during_6th_update)
+    with pytest.raises(KeyboardInterrupt, match="stopped at step 6"):
+        train(tiny(dataset_path, tmp_path / "stopped", snapshot_dir=str(tmp_path / "snap")))
+    monkeypatch.undo()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone again
+    assert torch.load(tmp_path / "stopped" / STATE_FILE, weights_only=False)["step"] == 6
+    assert pa.load_policy(tmp_path / "snap").config.info["train_steps"] == 6
+    train(tiny(dataset_path, tmp_path / "stopped"))
+    resumed = torch.load(tmp_path / "stopped" / STATE_FILE, weights_only=False)
+    for key in full["policy"]:
+        assert torch.equal(full["policy"][key], resumed["policy"][key]), key
+
+
 def test_raising_steps_extends_a_finished_run_on_the_longer_schedule(dataset_path, tmp_path):
     train(tiny(dataset_path, tmp_path / "run", steps=4))
     train(tiny(dataset_path, tmp_path / "run", steps=8))
