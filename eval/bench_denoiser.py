@@ -2,6 +2,7 @@
 
     python eval/bench_denoiser.py checkpoint=checkpoints/lift_dp_t
     python eval/bench_denoiser.py checkpoint=... 'methods=[uncached,every_step,bac10,compile,compile+bac10]'
+    python eval/bench_denoiser.py model=pi0      # a VLA denoiser at real size, random weights (eval/profile_vla.py)
 
 One process, the same observation histories (from the checkpoint's demo dataset) and the same noise
 for every method. Methods are timed in interleaved rounds (each round times `repeats` chunks of every
@@ -12,7 +13,7 @@ and achieved / ideal = speedup x FLOP ratio (1.0 = the time saved matches the FL
 
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,29 +25,41 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python eval/ben
 import policy_accel as pa  # noqa: E402
 from eval.cli import hydra_app  # noqa: E402
 from eval.methods import apply_method, parse_method  # noqa: E402
+from eval.profile_vla import MODELS, SCALES, check_methods, profile, report  # noqa: E402
 from policy_accel.calibration import demo_observations  # noqa: E402
 from policy_accel.jsonfile import write_json  # noqa: E402
+
+CHECKPOINT_METHODS = ["uncached", "every_step", "ddim10", "uniform10", "taylorseer10o2", "bac10", "bac_taylor10o2"]
 
 
 @dataclass
 class BenchConfig:
     checkpoint: str = "checkpoints/lift_dp_t"
-    methods: list[str] = field(default_factory=lambda: [
-        "uncached", "every_step", "ddim10", "uniform10", "taylorseer10o2", "bac10", "bac_taylor10o2"])
-    observations: int = 8  # distinct observation histories, cycled
-    rounds: int = 5
-    repeats: int = 4  # chunks per method per round
-    warmup: int = 2  # untimed chunks per method after applying it (compile happens here)
+    model: str | None = None  # instead of a checkpoint: a VLA denoiser with random weights (eval/profile_vla.py)
+    scale: str = "real"  # model=...: "real" (upstream sizes) or "tiny" (the same code path in seconds)
+    methods: list[str] | None = None  # default: CHECKPOINT_METHODS, or profile_vla.default_methods
+    observations: int | None = None  # distinct observation histories, cycled; default 8 (model=...: 2 conditions)
+    rounds: int | None = None  # default 5 (model=...: 2)
+    repeats: int | None = None  # chunks per method per round; default 4 (model=...: 1)
+    warmup: int = 2  # untimed chunks per method after applying it (compile happens here); model=...: its FLOP chunk
+    prefix_layers: int = 1  # model=...: stand-in VLM layers timed per pass (scaled to the VLM's depth)
+    calib_chunks: int = 1  # model=...: random conditions a BAC schedule is calibrated on
+    seed: int = 0  # model=...: weights, conditions and noise
     num_threads: int = 1
     device: str = "cpu"
-    out: str | None = None  # JSON results; default outputs/bench_<policy>.json
+    out: str | None = None  # JSON results; default outputs/bench_<policy or model[_tiny]>.json
 
     def __post_init__(self):
-        for name in ("observations", "rounds", "repeats", "num_threads"):
-            if getattr(self, name) < 1:
+        for name in ("observations", "rounds", "repeats", "num_threads", "prefix_layers", "calib_chunks"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for spec in self.methods:
-            parse_method(spec)
+        if self.model is None:
+            for spec in self.methods or CHECKPOINT_METHODS:
+                parse_method(spec)
+            return
+        if self.model not in MODELS or self.scale not in SCALES:
+            raise ValueError(f"model must be one of {MODELS} and scale one of {SCALES}")
+        check_methods(self.methods or [])
 
 
 def time_chunks(policy, histories, noises, count: int, offset: int = 0) -> list[float]:
@@ -89,14 +102,15 @@ def time_methods(policy, methods: list, checkpoint, histories: list[np.ndarray],
 def bench(cfg: BenchConfig) -> dict:
     torch.set_num_threads(cfg.num_threads)
     policy = pa.load_policy(cfg.checkpoint, device=cfg.device)
+    rounds, repeats = cfg.rounds or 5, cfg.repeats or 4
     pc = policy.config
     dataset = policy.config.info.get("dataset")
     if not dataset or not Path(dataset).exists():
         raise SystemExit(f"{cfg.checkpoint}: its demo dataset {dataset!r} is not here; collect it first "
                          f"(see the checkpoint's card.md)")
-    histories = [h[None] for h in demo_observations(dataset, cfg.observations, pc.n_obs_steps)]
-    methods = [parse_method(m) for m in cfg.methods]
-    times, flops = time_methods(policy, methods, cfg.checkpoint, histories, cfg.rounds, cfg.repeats, cfg.warmup)
+    histories = [h[None] for h in demo_observations(dataset, cfg.observations or 8, pc.n_obs_steps)]
+    methods = [parse_method(m) for m in cfg.methods or CHECKPOINT_METHODS]
+    times, flops = time_methods(policy, methods, cfg.checkpoint, histories, rounds, repeats, cfg.warmup)
     base = "uncached" if "uncached" in times else methods[0].spec
     base_ms = 1e3 * float(np.median(times[base]))
     rows = []
@@ -111,11 +125,25 @@ def bench(cfg: BenchConfig) -> dict:
             "threads": torch.get_num_threads(), "config": asdict(cfg), "results": rows}
 
 
+def bench_model(cfg: BenchConfig) -> dict:
+    torch.set_num_threads(cfg.num_threads)
+    result = profile(cfg.model, cfg.scale, cfg.methods, cfg.rounds or 2, cfg.repeats or 1,
+                     cfg.observations or 2, cfg.prefix_layers, cfg.calib_chunks, cfg.seed, cfg.device)
+    print(report(result))
+    out = Path(cfg.out or f"outputs/bench_{cfg.model}{'' if cfg.scale == 'real' else '_' + cfg.scale}.json")
+    write_json(out, result)
+    print(f"wrote {out}")
+    return result
+
+
 @hydra_app(BenchConfig, "bench")
 def main(cfg: BenchConfig) -> dict:
+    if cfg.model is not None:
+        return bench_model(cfg)
     result = bench(cfg)
+    n = (cfg.rounds or 5) * (cfg.repeats or 4)
     print(f"{cfg.checkpoint}: batch 1, {result['threads']} thread(s), torch {result['torch']}; "
-          f"median of {cfg.rounds * cfg.repeats} chunks per method, interleaved")
+          f"median of {n} chunks per method, interleaved")
     head = f"{'method':<24}{'ms/chunk':>10}{'speedup':>9}{'FLOPs':>8}{'achieved/ideal':>16}"
     print(head + "\n" + "-" * len(head))
     for r in result["results"]:

@@ -11,6 +11,13 @@ success = task success at any step. Latency: one chunk at batch 1 (observation h
 out) on the same recorded observations and noise for every method, timed in interleaved rounds in
 this process (eval/bench_denoiser.time_methods). Method strings: policy_accel/recipes.py.
 Prints a table; writes a JSON summary.
+
+    python eval/rollout.py policy=lift method=ddim10 async_loop=true num_envs=1       # robot keeps moving
+    python eval/rollout.py policy=lift method=ddim10 async_loop=true inference_delay_ms=150
+
+async_loop=true runs the episodes with the asynchronous control loop (eval/async_loop.py): inference
+in a background thread while the env keeps stepping at control_hz, either in real time or with a
+fixed injected delay. Latency is still timed at batch 1, synchronously.
 """
 
 import math
@@ -30,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python eval/rol
 
 import envs  # noqa: E402
 import policy_accel as pa  # noqa: E402
+from eval.async_loop import AsyncRunner  # noqa: E402
 from eval.bench_denoiser import time_methods  # noqa: E402
 from eval.cli import hydra_app  # noqa: E402
 from eval.methods import apply_method, parse_method  # noqa: E402
@@ -51,11 +59,18 @@ class RolloutConfig:
     device: str = "cpu"
     out: str | None = None  # default outputs/rollout_<task>.json (not committed)
     progress: bool = True
+    async_loop: bool = False  # inference in a background thread while the env keeps stepping (eval/async_loop.py)
+    control_hz: float = 20.0  # the async loop's control rate (robosuite tasks run at 20 Hz)
+    inference_delay_ms: float | None = None  # async loop: a fixed injected delay instead of the real one
 
     def __post_init__(self):
         for name in ("episodes", "num_envs", "latency_rounds", "latency_repeats", "num_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.inference_delay_ms is not None and (not self.async_loop or self.inference_delay_ms < 0):
+            raise ValueError(f"inference_delay_ms={self.inference_delay_ms} needs async_loop=true and a value >= 0")
+        if not self.control_hz > 0:
+            raise ValueError(f"control_hz must be > 0, got {self.control_hz}")
         if self.method is not None:
             self.methods = [self.method]
         if not self.methods:
@@ -122,15 +137,17 @@ def run_batch(policy, venv, seeds: list[int], record: list | None = None) -> np.
     raise RuntimeError("env never truncated")
 
 
-def run_success(policy, venv, seeds: list[int], desc: str, progress: bool, record: list | None = None) -> list[int]:
-    """Successful seeds among `seeds`, run in batches of venv.num_envs (the last batch padded)."""
+def run_success(policy, venv, seeds: list[int], desc: str, progress: bool, record: list | None = None,
+                runner=run_batch) -> list[int]:
+    """Successful seeds among `seeds`, run in batches of venv.num_envs (the last batch padded) by `runner`
+    (run_batch, or eval/async_loop.AsyncRunner)."""
     n = venv.num_envs
     wins = []
     with tqdm(total=len(seeds), desc=desc, unit="ep", disable=not progress, leave=False) as bar:
         for i in range(0, len(seeds), n):
             batch = seeds[i:i + n]
             padded = batch + [seeds[-1] + 1 + j for j in range(n - len(batch))]
-            success = run_batch(policy, venv, padded, record)[:len(batch)]
+            success = runner(policy, venv, padded, record)[:len(batch)]
             wins += [s for s, ok in zip(batch, success, strict=True) if ok]
             bar.update(len(batch))
             bar.set_postfix(success=f"{len(wins)}/{bar.n}")
@@ -145,20 +162,22 @@ def machine() -> dict:
 
 
 def success_row(policy, venv, method, seeds: list[int], checkpoint, progress: bool = False,
-                record: list | None = None) -> dict:
-    """Apply `method`, run `seeds`, take the method off; the result row's success fields."""
+                record: list | None = None, runner=run_batch) -> dict:
+    """Apply `method`, run `seeds`, take the method off; the result row's success fields (and an async
+    runner's loop counts)."""
     remover = apply_method(policy, method, checkpoint)
     start = time.perf_counter()
     try:
-        wins = run_success(policy, venv, seeds, method.spec, progress, record)
+        wins = run_success(policy, venv, seeds, method.spec, progress, record, runner)
     finally:
         if remover:
             remover.remove()
     low, high = wilson_interval(len(wins), len(seeds))
+    loop = {"async_loop": dict(runner.stats)} if hasattr(runner, "stats") else {}
     return {"policy": Path(checkpoint).name, "task": venv.envs[0].unwrapped.name, "method": method.name,
             "setting": method.spec, "n_episodes": len(seeds), "successes": len(wins),
             "success_rate": len(wins) / len(seeds), "ci_low": low, "ci_high": high,
-            "failed_seeds": sorted(set(seeds) - set(wins)), "success_wall_s": time.perf_counter() - start}
+            "failed_seeds": sorted(set(seeds) - set(wins)), "success_wall_s": time.perf_counter() - start, **loop}
 
 
 def latency_fields(policy, methods: list, checkpoint, histories: list[np.ndarray], rounds: int, repeats: int,
@@ -205,7 +224,9 @@ def evaluate(cfg: RolloutConfig) -> dict:
     recorded: list[np.ndarray] = []
     rows = []
     for i, m in enumerate(methods):
-        rows.append(success_row(policy, venv, m, seeds, cfg.checkpoint, cfg.progress, recorded if i == 0 else None))
+        runner = AsyncRunner(cfg.control_hz, cfg.inference_delay_ms) if cfg.async_loop else run_batch
+        rows.append(success_row(policy, venv, m, seeds, cfg.checkpoint, cfg.progress, recorded if i == 0 else None,
+                                runner))
         r = rows[-1]
         print(f"{spec['name']} {m.spec}: {r['successes']}/{r['n_episodes']} in {r['success_wall_s']:.0f} s", flush=True)
     venv.close()
@@ -238,7 +259,8 @@ def format_table(rows: list[dict]) -> str:
 @hydra_app(RolloutConfig, "rollout")
 def main(cfg: RolloutConfig) -> dict:
     summary = evaluate(cfg)
-    out = Path(cfg.out or f"outputs/rollout_{summary['task']}" + (f"_{cfg.method}" if cfg.method else "") + ".json")
+    tag = (f"_{cfg.method}" if cfg.method else "") + ("_async" if cfg.async_loop else "")
+    out = Path(cfg.out or f"outputs/rollout_{summary['task']}{tag}.json")
     write_json(out, summary)
     m = summary["machine"]
     print(f"{summary['task']}: {cfg.checkpoint}, seeds {summary['seeds'][0]}..{summary['seeds'][1]}, "

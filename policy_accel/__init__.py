@@ -8,6 +8,7 @@ except PackageNotFoundError:  # run from a source tree that is not installed
     __version__ = "0.0.0+local"
 
 from policy_accel.acceleration import accelerate, cache_stats, chunk_flops, remove_acceleration  # noqa: E402
+from policy_accel.async_policy import AsyncPolicy  # noqa: E402
 from policy_accel.cache import (  # noqa: E402
     BACConfig,
     BACTaylorConfig,
@@ -32,7 +33,8 @@ from policy_accel.policy import Policy, PolicyConfig, load_policy  # noqa: E402
 from policy_accel.sampling import Guidance, SamplerConfig, sample  # noqa: E402
 
 __all__ = [
-    "BACConfig", "BACTaylorConfig", "Binding", "ConditionCache", "Context", "DPTransformer", "DPTransformerConfig",
+    "AsyncPolicy", "BACConfig", "BACTaylorConfig", "Binding", "ConditionCache", "Context", "DPTransformer",
+    "DPTransformerConfig",
     "Denoiser", "DiffusersFBCConfig", "DiffusersMagCacheConfig", "DiffusersTaylorSeerConfig", "EveryStepConfig",
     "Guidance", "Policy", "PolicyConfig", "SamplerConfig", "Schedule", "StepClock", "TaylorSeerConfig",
     "UniformConfig", "accelerate", "attach", "cache_stats", "calibrate", "chunk_flops", "config_from_dict",

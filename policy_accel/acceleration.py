@@ -31,6 +31,9 @@ def accelerate(policy, config, *, allow_unbound: bool = False, checkpoint_dir=No
     if policy.cache is not None or policy.recipe is not None:
         now = policy.recipe.spec if policy.recipe is not None else policy.cache.tag
         raise RuntimeError(f"policy is already accelerated with {now}; call remove_acceleration first")
+    if policy.chunk_graph is not None:
+        raise RuntimeError("the whole chunk is compiled (policy.compile_chunk()) for the policy as it was: call "
+                           "policy.compile_chunk(False), accelerate, then compile_chunk() again")
     if isinstance(config, str):
         return _accelerate_recipe(policy, parse_method(config), checkpoint_dir, allow_unbound)
     if policy.compiled_model is not None:
@@ -82,8 +85,9 @@ class RecipeState:
 
 
 def remove_acceleration(policy) -> None:
-    """Take the cache off (and undo a method string's sampler and compile); the policy behaves
-    exactly as before `accelerate`."""
+    """Take the cache off (and undo a method string's sampler and compile, and drop a whole-chunk
+    graph, which was compiled with the cache); the policy behaves exactly as before `accelerate`."""
+    policy.compile_chunk(False)
     if policy.cache is not None:
         policy.cache.remove()
         policy.cache = None

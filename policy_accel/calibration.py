@@ -3,6 +3,7 @@ BAC schedules from it.
 
     sched = pa.calibrate(policy, observations, budget=10, bubble_blocks=5)
     sched.save("checkpoints/lift_dp_t/schedules/bac_s10.json")
+    sched = calibrate_denoiser(denoiser, clock, binding, [run_chunk, ...], budget=5)   # a bare denoiser
 
 CLI (observations from the checkpoint's demo dataset; one profile, one schedule per budget x bubble_blocks):
     python eval/calibrate.py checkpoint=checkpoints/lift_dp_t budget=10 [bubble_blocks=5]
@@ -15,6 +16,7 @@ forecast_order=1 chooses them against the error of the linear forecast that BAC+
 in the gaps (schedule.forecast_acs_steps).
 """
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,10 +25,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from policy_accel.cache.handle import CacheHandle
 from policy_accel.cache.hooks import BlockInfo, find_blocks
 from policy_accel.cache.peers import MagCalibration, MagRatios, mag_ratios_name
-from policy_accel.cache.schedule import Schedule, acs_steps, bubbling_union, forecast_acs_steps
-from policy_accel.clock import ClockListener
+from policy_accel.cache.schedule import Binding, Schedule, acs_steps, bubbling_union, forecast_acs_steps
+from policy_accel.clock import COND, ClockListener
 from policy_accel.recipes import schedule_name
 
 
@@ -46,16 +49,20 @@ STABILITY_SAMPLES = 8  # observations whose own forecast-criterion schedules mea
 
 
 class _StepRecorder(ClockListener):
-    """Clock listener + forward hooks collecting each block's output per step: feats[name][k] = (B, D)."""
+    """Clock listener + forward hooks collecting each block's output per step and guidance branch:
+    feats[name][branch][k] = (B, D). A guided sampler calls every block once per branch and step; each
+    branch is profiled as its own sample (the schedule is shared by both branches)."""
 
-    def __init__(self, model: torch.nn.Module, blocks: list[BlockInfo]):
-        self.feats: dict[str, list[torch.Tensor]] = {b.name: [] for b in blocks}
+    def __init__(self, model: torch.nn.Module, blocks: list[BlockInfo], clock):
+        self.clock = clock
+        self.feats: dict[str, dict[str, list[torch.Tensor]]] = {b.name: {} for b in blocks}
         modules = dict(model.named_modules())
         self.handles = [modules[b.name].register_forward_hook(self._hook(b.name)) for b in blocks]
 
     def _hook(self, name):
         def record(module, args, output):
-            self.feats[name].append(output.detach().flatten(1).float().cpu())
+            if self.clock.running:
+                self.feats[name].setdefault(self.clock.branch_key, []).append(output.detach().flatten(1).float().cpu())
 
         return record
 
@@ -79,6 +86,51 @@ def _check_forecast_order(forecast_order: int) -> None:
         raise ValueError(f"forecast_order must be 0 (reuse error) or 1 (linear forecast error), got {forecast_order}")
 
 
+def profile_chunks(model: torch.nn.Module, clock, blocks: list[BlockInfo], chunks: Iterable[Callable[[], object]],
+                   progress: bool = True) -> BlockProfile:
+    """Per-block similarity and volatility over sampling passes: each of `chunks` runs one uncached pass of
+    `model` on `clock` (any batch size; with guidance each branch's rows are samples of their own)."""
+    recorder = _StepRecorder(model, blocks, clock)
+    clock.listeners.append(recorder)
+    sims = {b.name: [] for b in blocks}
+    gram_sum = {b.name: 0.0 for b in blocks}
+    grams = {b.name: [] for b in blocks}  # per sample, the first STABILITY_SAMPLES only
+    vol_sum = {b.name: 0.0 for b in blocks}
+    n = n_cond = 0
+    try:
+        for run in tqdm(chunks, desc="calibrate", unit="batch", disable=not progress):
+            run()
+            for name, branches in recorder.feats.items():
+                for steps in branches.values():
+                    feats = torch.stack(steps, dim=1)  # (B, K, D)
+                    K, D = feats.shape[1], feats.shape[2]
+                    for f in feats:
+                        gram = f.double() @ f.double().T  # (K, K) <F_i, F_j>
+                        sims[name].append(_cosine_from_gram(gram).numpy())
+                        gram_sum[name] = gram_sum[name] + gram.numpy()
+                        if len(grams[name]) < STABILITY_SAMPLES:
+                            grams[name].append(gram.numpy())
+                        dist = torch.cdist(f.double(), f.double(), p=1) / D  # (K, K) mean |F_i - F_j|
+                        vol_sum[name] += float(dist.sum() / (K * (K - 1))) if K > 1 else 0.0
+            first = recorder.feats[blocks[0].name]
+            n += sum(len(steps[0]) for steps in first.values())
+            n_cond += len(first[COND][0]) if COND in first else 0
+    finally:
+        recorder.remove()
+        clock.listeners.remove(recorder)
+    if n == 0:
+        raise ValueError("calibration needs at least one sampling pass")
+    return BlockProfile(
+        similarity={name: np.mean(s, axis=0) for name, s in sims.items()},
+        volatility={name: v / n for name, v in vol_sum.items()},
+        per_sample_similarity=sims,
+        n_observations=n_cond,
+        gram={name: g / n for name, g in gram_sum.items()},
+        per_sample_gram=grams,
+        timesteps=recorder.timesteps,
+    )
+
+
 def profile_blocks(policy, observations: list, blocks: list[BlockInfo], batch_size: int = 8,
                    seed: int = 0) -> BlockProfile:
     """Run the uncached policy on `observations` and collect per-block similarity and volatility.
@@ -88,43 +140,21 @@ def profile_blocks(policy, observations: list, blocks: list[BlockInfo], batch_si
         raise ValueError("calibration needs at least one observation")
     generator_state = policy.generator.get_state()
     policy.generator.manual_seed(seed)
-    recorder = _StepRecorder(policy.model, blocks)
-    policy.clock.listeners.append(recorder)
-    sims = {b.name: [] for b in blocks}
-    gram_sum = {b.name: 0.0 for b in blocks}
-    grams = {b.name: [] for b in blocks}  # per observation, the first STABILITY_SAMPLES only
-    vol_sum = {b.name: 0.0 for b in blocks}
-    try:
-        for start in tqdm(range(0, len(observations), batch_size), desc="calibrate", unit="batch"):
-            batch = np.stack([np.asarray(o) for o in observations[start:start + batch_size]])
+
+    def chunk(batch):
+        def run():
             policy.reset()
             policy.predict_action_chunk(batch)
-            for name, steps in recorder.feats.items():
-                feats = torch.stack(steps, dim=1)  # (B, K, D)
-                K, D = feats.shape[1], feats.shape[2]
-                for f in feats:
-                    gram = f.double() @ f.double().T  # (K, K) <F_i, F_j>
-                    sims[name].append(_cosine_from_gram(gram).numpy())
-                    gram_sum[name] = gram_sum[name] + gram.numpy()
-                    if len(grams[name]) < STABILITY_SAMPLES:
-                        grams[name].append(gram.numpy())
-                    dist = torch.cdist(f.double(), f.double(), p=1) / D  # (K, K) mean |F_i - F_j|
-                    vol_sum[name] += float(dist.sum() / (K * (K - 1))) if K > 1 else 0.0
+
+        return run
+
+    batches = [np.stack([np.asarray(o) for o in observations[s:s + batch_size]])
+               for s in range(0, len(observations), batch_size)]
+    try:
+        return profile_chunks(policy.model, policy.clock, blocks, [chunk(b) for b in batches])
     finally:
-        recorder.remove()
-        policy.clock.listeners.remove(recorder)
         policy.reset()
         policy.generator.set_state(generator_state)
-    n = len(observations)
-    return BlockProfile(
-        similarity={name: np.mean(s, axis=0) for name, s in sims.items()},
-        volatility={name: v / n for name, v in vol_sum.items()},
-        per_sample_similarity=sims,
-        n_observations=n,
-        gram={name: g / n for name, g in gram_sum.items()},
-        per_sample_gram=grams,
-        timesteps=recorder.timesteps,
-    )
 
 
 def _jaccard(a: list[int], b: list[int]) -> float:
@@ -141,7 +171,27 @@ def calibrate(policy, observations: list, budget: int, bubble_blocks: int = 5, b
     """
     infos = _check_uncached(policy, blocks, [budget], forecast_order)
     profile = profile_blocks(policy, observations, infos, batch_size, seed)
-    return schedule_from_profile(policy, profile, infos, budget, bubble_blocks, description, forecast_order)
+    return schedule_from_profile(policy.binding(), profile, infos, budget, bubble_blocks, description,
+                                 forecast_order)
+
+
+def calibrate_denoiser(denoiser: torch.nn.Module, clock, binding: Binding, chunks: Iterable[Callable[[], object]],
+                       budget: int, bubble_blocks: int = 5, blocks: str | None = None, description: str = "",
+                       forecast_order: int = 0) -> Schedule:
+    """`calibrate` for a bare denoiser (no Policy): each of `chunks` runs one uncached sampling pass of
+    `denoiser` on `clock` with the sampler of `binding`, e.g.
+    `lambda: pa.sample(denoiser, denoiser.prepare(cond, ts), noise, sampler, clock=clock)`."""
+    _check_forecast_order(forecast_order)
+    if any(isinstance(x, CacheHandle) for x in clock.listeners):
+        raise RuntimeError("calibrate an uncached denoiser: remove the cache attached to this clock first")
+    if not 1 <= budget <= binding.num_steps:
+        raise ValueError(f"budget must be in [1, {binding.num_steps}] for a {binding.num_steps}-step sampler, "
+                         f"got {budget}")
+    infos = find_blocks(denoiser, blocks)
+    profile = profile_chunks(denoiser, clock, infos, chunks, progress=False)
+    if len(profile.timesteps) != binding.num_steps:
+        raise ValueError(f"the chunks ran {len(profile.timesteps)} steps; the binding is for {binding.num_steps}")
+    return schedule_from_profile(binding, profile, infos, budget, bubble_blocks, description, forecast_order)
 
 
 def _check_uncached(policy, blocks: str | None, budgets: list[int], forecast_order: int = 0) -> list[BlockInfo]:
@@ -155,8 +205,8 @@ def _check_uncached(policy, blocks: str | None, budgets: list[int], forecast_ord
     return find_blocks(policy.model, blocks)
 
 
-def schedule_from_profile(policy, profile: BlockProfile, infos: list[BlockInfo], budget: int, bubble_blocks: int,
-                          description: str = "", forecast_order: int = 0) -> Schedule:
+def schedule_from_profile(binding: Binding, profile: BlockProfile, infos: list[BlockInfo], budget: int,
+                          bubble_blocks: int, description: str = "", forecast_order: int = 0) -> Schedule:
     _check_forecast_order(forecast_order)
     if forecast_order == 0:  # BAC: the statistic is the cosine similarity matrix
         stat, samples = profile.similarity, profile.per_sample_similarity
@@ -177,9 +227,9 @@ def schedule_from_profile(policy, profile: BlockProfile, infos: list[BlockInfo],
 
     return Schedule(
         blocks=steps,
-        num_steps=policy.sampler.num_steps,
-        sampler=policy.sampler.kind,
-        checkpoint_hash=policy.checkpoint_hash,
+        num_steps=binding.num_steps,
+        sampler=binding.sampler,
+        checkpoint_hash=binding.checkpoint_hash,
         method="bac",
         budget=budget,
         bubble_blocks=bubble_blocks,
@@ -290,7 +340,7 @@ def run(cfg: CalibrateConfig) -> list[Path]:
     profile = profile_blocks(policy, obs, infos, cfg.batch_size, cfg.seed)
     written = []
     for (budget, bubble), path in zip([(b, bb) for b in budgets for bb in bubbles], paths, strict=True):
-        sched = schedule_from_profile(policy, profile, infos, budget, bubble, description, cfg.forecast_order)
+        sched = schedule_from_profile(policy.binding(), profile, infos, budget, bubble, description, cfg.forecast_order)
         sched.save(path)
         written.append(path)
         print(f"{path}: computes {sched.computed_fraction():.1%} of block-steps, "

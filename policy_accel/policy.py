@@ -15,6 +15,10 @@ then `sample(model, ctx, noise, sampler, clock=self.clock)`. A cache attaches to
 listens to `clock` (`pa.accelerate(policy, config)` sets `policy.cache`). A cache whose decisions
 are taken over the whole batch (`batch_coupled`, e.g. skip if the batch's mean change is small)
 makes each row be sampled on its own, as a batch-1 deployment would.
+
+Deployment knobs: `policy.set_dtype(torch.bfloat16)` (or `load_policy(..., dtype=)`, `policy.to(dtype=)`)
+runs the denoiser in half precision behind an fp32 boundary; `policy.compile_chunk()` compiles the whole
+chunk into one graph (policy_accel/chunk_graph.py); policy_accel/async_policy.py runs it beside the robot.
 """
 
 import dataclasses
@@ -35,6 +39,7 @@ from policy_accel.cache.schedule import Binding
 from policy_accel.clock import StepClock
 from policy_accel.models import family
 from policy_accel.normalizer import MinMaxNormalizer
+from policy_accel.precision import HalfPrecisionDenoiser, parse_dtype
 from policy_accel.sampling import Guidance, SamplerConfig, build_sampler, ddpm_scheduler, sample
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
@@ -94,6 +99,9 @@ class Policy(nn.Module):
         self.recipe = None  # what pa.accelerate(policy, "<method string>") changed (sampler, compile)
         self.path: Path | None = None  # the checkpoint folder it was loaded from (load_policy)
         self.compiled_model = None  # set by compile()
+        self.chunk_graph = None  # set by compile_chunk()
+        self.dtype = torch.float32  # the denoiser's weights and activations (set_dtype)
+        self._fp32_hash: str | None = None  # checkpoint_hash from before a cast to half precision
         self.set_sampler(config.sampler)
         self.seed(seed)
         self._history: deque[np.ndarray] = deque(maxlen=config.n_obs_steps)
@@ -119,7 +127,50 @@ class Policy(nn.Module):
         block's computation and leaves the cache logic in Python."""
         if enabled and self.cache is not None:
             raise RuntimeError("the policy is accelerated: compile through the method config (compile=True)")
+        if enabled and self.chunk_graph is not None:
+            raise RuntimeError("the whole chunk is compiled (compile_chunk()): call policy.compile_chunk(False) first")
         self.compiled_model = torch.compile(self.model, **compile_kwargs) if enabled else None
+
+    def compile_chunk(self, enabled: bool = True, cuda_graph: bool = False, **compile_kwargs):
+        """Compile the whole chunk, as the policy is now (cache, sampler, dtype), into one graph:
+        torch.compile(fullgraph=True) of normalise -> prepare -> all denoising steps -> unnormalise.
+        `cuda_graph=True` (CUDA only) also captures it as one CUDA graph per batch size. Change the
+        method, sampler or dtype and compile again. See policy_accel/chunk_graph.py."""
+        if not enabled:
+            self.chunk_graph = None
+            return None
+        if self.compiled_model is not None:
+            raise RuntimeError("the denoiser alone is compiled (policy.compile()): call policy.compile(False) first")
+        from policy_accel.chunk_graph import ChunkGraph
+
+        self.chunk_graph = ChunkGraph(self, cuda_graph=cuda_graph, **compile_kwargs)
+        return self.chunk_graph
+
+    def set_dtype(self, dtype) -> None:
+        """Run the denoiser in half precision: its weights and activations in `dtype` (torch.bfloat16 or
+        torch.float16; names such as "bf16" work too). Kept in fp32: the normalisers, the initial and
+        per-step noise, the sampler's state x and its update (coefficients up to ~1/sqrt(alpha_bar), large
+        at the noisy end, cancel in x0 = a * x - b * eps), and DP-T's sinusoidal time embedding. The
+        prediction comes back as fp32; actions are fp32. One way: a cast policy cannot return to fp32 exactly
+        (load it again). checkpoint_hash stays the fp32 file's, so calibrated schedules still bind."""
+        dtype = parse_dtype(dtype)
+        if dtype == self.dtype:
+            return
+        if self.dtype != torch.float32:
+            raise ValueError(f"the policy is {self.dtype} already; casting to {dtype} would not restore its fp32 "
+                             "weights: load the checkpoint again")
+        if self.chunk_graph is not None or self.compiled_model is not None:
+            raise RuntimeError("the policy is compiled: set the dtype first, then compile")
+        self._fp32_hash = self.checkpoint_hash
+        self.model.to(dtype)
+        self.dtype = dtype
+
+    def to(self, *args, **kwargs):
+        """nn.Module.to, except that a dtype goes to set_dtype (the normalisers stay fp32)."""
+        device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
+        if dtype is not None:
+            self.set_dtype(dtype)
+        return super().to(device=device, non_blocking=non_blocking) if device is not None else self
 
     def seed(self, seed: int) -> None:
         """Reseed the noise generator (on the policy's device): same seed -> same actions."""
@@ -161,18 +212,27 @@ class Policy(nn.Module):
         action = self._actions.popleft()
         return action[0] if single else action
 
-    def predict_action_chunk(self, obs, noise: torch.Tensor | None = None) -> np.ndarray:
+    def predict_action_chunk(self, obs, noise: torch.Tensor | None = None, step_noise: list | None = None
+                             ) -> np.ndarray:
         """The next n_action_steps actions (B, Ta, Da), always recomputed. `obs` (obs_dim,) or
         (B, obs_dim) is appended to the history as in select_action; (B, n_obs_steps, obs_dim) is
         used as the whole history and leaves the stored one alone. The action queue is untouched.
-        `noise` (B, horizon, Da) replaces the initial noise drawn from the policy's generator."""
+        `noise` (B, horizon, Da) replaces the initial noise drawn from the policy's generator, and
+        `step_noise` (a stochastic sampler's per-step noise, as `Sampler.draw_step_noise` makes it)
+        the noise drawn at each step: the same chunk on another device or dtype."""
         arr = _as_array(obs)
         if arr.ndim == 3:
             history = self._check_obs(arr, history=True)[0]
         else:
             self._push(self._check_obs(arr)[0])
             history = np.stack(self._history, axis=1)
-        return self._predict(history, noise)
+        if step_noise is not None:
+            if noise is None:
+                raise ValueError("step_noise needs the initial noise too")
+            if len(step_noise) != self.sampler.num_steps:
+                raise ValueError(f"step_noise must hold {self.sampler.num_steps} entries, got {len(step_noise)}")
+            step_noise = [n if n is None else n.to(device=self.device, dtype=torch.float32) for n in step_noise]
+        return self._predict(history, noise, step_noise)
 
     def _check_obs(self, obs, history: bool = False) -> tuple[np.ndarray, bool]:
         arr = _as_array(obs)
@@ -214,6 +274,13 @@ class Policy(nn.Module):
             raise ValueError(f"noise must have shape {shape}, got {tuple(noise.shape)}")
         else:
             noise = noise.to(device=device, dtype=torch.float32)
+        if self.chunk_graph is not None:  # every row (one graph per batch size); rows not active: zeros
+            if step_noise is None:
+                step_noise = self._sampler.draw_step_noise(noise, self.generator)
+            out = self.chunk_graph(torch.from_numpy(history).to(device), noise, step_noise).cpu().numpy()
+            if active is not None:
+                out[~active] = 0.0
+            return out
         coupled = B > 1 and self.cache is not None and self.cache.batch_coupled
         if coupled or (active is not None and not active.all()):
             # some rows, or each row on its own, with the noise the whole batch would have drawn
@@ -226,15 +293,22 @@ class Policy(nn.Module):
                 out[g] = self._predict(history[g], noise[idx], [n if n is None else n[idx] for n in step_noise])
             return out
 
-        cond = self.obs_normalizer.normalize(torch.from_numpy(history).to(device))
-        ctx = self.model.prepare(cond, self._sampler.timesteps)  # once per chunk, exact
+        return self._chunk(torch.from_numpy(history).to(device), noise, step_noise).cpu().numpy()
+
+    def _chunk(self, history: torch.Tensor, noise: torch.Tensor, step_noise: list | None = None) -> torch.Tensor:
+        """One chunk on tensors: raw history (B, To, obs_dim) -> raw executable actions (B, Ta, Da), fp32.
+        All of it is traced into one graph by compile_chunk (policy_accel/chunk_graph.py)."""
+        cfg = self.config
+        cond = self.obs_normalizer.normalize(history)
+        ctx = self.model.prepare(cond.to(self.dtype), self._sampler.timesteps)  # once per chunk, exact
         model = self.model if self.compiled_model is None else self.compiled_model
+        if self.dtype != torch.float32:
+            model = HalfPrecisionDenoiser(model, self.dtype)
         guidance = None if cfg.guidance_scale is None else Guidance(cfg.guidance_scale)
         x = sample(model, ctx, noise, self._sampler, clock=self.clock, guidance=guidance, generator=self.generator,
                    step_noise=step_noise)
         start = cfg.n_obs_steps - 1
-        actions = self.action_normalizer.unnormalize(x[:, start:start + cfg.n_action_steps])
-        return actions.cpu().numpy()
+        return self.action_normalizer.unnormalize(x[:, start:start + cfg.n_action_steps])
 
     # ---------------------------------------------------------------- training
     def compute_loss(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
@@ -265,12 +339,17 @@ class Policy(nn.Module):
 
     @property
     def checkpoint_hash(self) -> str:
-        """sha256 of the (fp32) model.safetensors this policy saves to (= of the fp32 file it was loaded from)."""
+        """sha256 of the (fp32) model.safetensors this policy saves to (= of the fp32 file it was loaded from;
+        for a policy cast to half precision, of its fp32 weights before the cast)."""
+        if self._fp32_hash is not None:
+            return self._fp32_hash
         return hashlib.sha256(self._weights_bytes()).hexdigest()
 
     def save(self, path, half: bool = False) -> Path:
         """Write <path>/config.json and <path>/model.safetensors (weights + normalisers; half=True:
         fp16 denoiser weights, half the size, e.g. for an intermediate weight file of a long run)."""
+        if self.dtype != torch.float32:
+            raise ValueError(f"the policy runs in {self.dtype} (set_dtype): save the fp32 policy it was cast from")
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         _atomic_write(path / WEIGHTS_FILE, self._weights_bytes(half))
@@ -293,8 +372,9 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def load_policy(path, device: str | torch.device | None = None, **kwargs) -> Policy:
-    """Load <path>/{config.json, model.safetensors}; kwargs go to Policy (seed)."""
+def load_policy(path, device: str | torch.device | None = None, dtype=None, **kwargs) -> Policy:
+    """Load <path>/{config.json, model.safetensors}; `dtype` runs the denoiser in half precision
+    (Policy.set_dtype); kwargs go to Policy (seed)."""
     path = Path(path)
     config_file, weights_file = path / CONFIG_FILE, path / WEIGHTS_FILE
     for f in (config_file, weights_file):
@@ -315,6 +395,8 @@ def load_policy(path, device: str | torch.device | None = None, **kwargs) -> Pol
     except RuntimeError as e:
         detail = " ".join(str(e).split("\n")[1:4]).strip()
         raise ValueError(f"{weights_file} does not match {config_file}: {detail}") from None
+    if dtype is not None:
+        policy.set_dtype(dtype)
     if device is not None:
         policy.to(device)
         policy.seed(policy._seed)

@@ -113,8 +113,8 @@ def test_conditioning_once_per_chunk_matches_fixture(groot, data):
 
 
 def test_sampling_buckets_are_upstreams_int_k_over_n(groot, data):
-    assert groot._time(torch.tensor(FLOW4.timesteps()), 4).tolist() == data["sample"]["t_seq"][:, 0].tolist()
-    assert groot._time(torch.tensor(pa.SamplerConfig("flow", 3).timesteps()), 3).tolist() == [0, 333, 666]
+    assert groot._sampling_times(FLOW4.timesteps()).tolist() == data["sample"]["t_seq"][:, 0].tolist()
+    assert groot._sampling_times(pa.SamplerConfig("flow", 3).timesteps()).tolist() == [0, 333, 666]
     assert groot._time(torch.tensor([0.75, 0.1])).tolist() == [250, 900]  # training: int((1 - t) * 1000)
 
 
@@ -253,7 +253,7 @@ def test_bad_condition_raises_before_the_model_runs(groot, data):
                                                            cross_attention_dim=16, vl_heads=2, vl_head_dim=8)))
     with pytest.raises(ValueError, match=r"cond must be \(B, 2, 5\)"):
         flat.prepare(torch.zeros(4, 3, 5))
-    with pytest.raises(ValueError, match="set by the policy"):
+    with pytest.raises(ValueError, match="must not set"):
         ActionDiT.config_for(5, 3, 8, 2, dict(state_dim=4))
     with pytest.raises(ValueError, match="must equal cross_attention_dim"):
         ActionDiTConfig(action_dim=3, vl_heads=3, vl_head_dim=8, cross_attention_dim=16, state_dim=2)

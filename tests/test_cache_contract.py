@@ -1,5 +1,5 @@
-"""The cache contract, on every model family (tests/conftest.py: DP-T, and a tiny flow DiT with
-classifier-free guidance): exactness, clean removal, batching, no leaked state (chunks, episodes,
+"""The cache contract, on every model family (tests/conftest.py: DP-T, a tiny flow DiT with classifier-free
+guidance, the VLA flow experts and action DiTs): exactness, clean removal, batching, no leaked state (chunks, episodes,
 batch sizes, guidance branches), and binding errors."""
 
 import inspect
@@ -66,9 +66,10 @@ def test_no_state_leaks_across_chunks_episodes_or_batch_sizes(family):
     assert torch.equal(fresh.chunk(cond[:2], noise[:2]), first)
 
 
-def test_guidance_branches_never_share_cache_state():
-    family = make_family("guided_dit")
-    name = family.block_names[2]  # blocks.1.attn
+@pytest.mark.parametrize("guided", ["guided_dit", "cogact"])
+def test_guidance_branches_never_share_cache_state(guided):
+    family = make_family(guided)
+    name = family.block_names[2]  # blocks.1.attn / transformer_blocks.1.attn
     module = dict(family.denoiser.named_modules())[name]
     handle = family.attach(pa.UniformConfig(interval=4))  # steps 0, 4, 8 compute; the others reuse
     wrapped, calls = module.forward, []  # record what the cache's wrapper gives the layer at each call

@@ -24,6 +24,7 @@ from policy_accel.models.flow_expert_weights import (
     smolvla_config,
     upstream_name,
 )
+from policy_accel.models.stand_ins import random_prefix
 
 FIX = Path(__file__).parent / "fixtures" / "vla" / "smolvla"
 REL_TOL = 1e-5
@@ -273,7 +274,7 @@ def test_bad_prefix_action_and_condition_are_rejected(smolvla, prefix):
     with pytest.raises(ValueError, match=r"obs condition must be \(B, 2, 5\)"):
         pi0.prepare(torch.randn(2, 3, 5))
     with pytest.raises(ValueError, match="π0 needs the prefix's state"):
-        pi0.prepare(Prefix(pi0.random_prefix(2).kv, torch.ones(2, pi0.config.prefix_len, dtype=torch.bool)))
+        pi0.prepare(Prefix(random_prefix(pi0.config, 2).kv, torch.ones(2, pi0.config.prefix_len, dtype=torch.bool)))
     with pytest.raises(IndexError, match="prepared for 10 sampler steps"):
         smolvla.prepare(prefix, pa.SamplerConfig("flow", 10).timesteps()).at_step(10)
     with pytest.raises(ValueError, match="π0 needs its state token"):
@@ -302,7 +303,7 @@ def test_action_positions_follow_the_prefix_as_upstream():
     """position_ids = (#valid prefix) + cumsum(suffix pad) - 1: π0's suffix starts with the state token."""
     for mode, first in [("smolvla", 0), ("pi0", 1), ("pi05", 0)]:
         model = tiny(mode)
-        pre = model.random_prefix(2)
+        pre = random_prefix(model.config, 2)
         pre.pad_mask[1, 5:] = False
         ctx = model.prepare(pre)
         n_valid = torch.tensor([[model.config.prefix_len], [5]])
@@ -354,7 +355,7 @@ def test_pi0_multi_query_attention_equals_replicated_kv_heads():
         if re.search(r"attn\.[kv]_proj", k):
             sd[k] = v.repeat(8, 1)
     mha.load_state_dict(sd)
-    pre = mqa.random_prefix(2, torch.Generator().manual_seed(0))
+    pre = random_prefix(mqa.config, 2, torch.Generator().manual_seed(0))
     pre8 = Prefix([(k.repeat(1, 8, 1, 1), v.repeat(1, 8, 1, 1)) for k, v in pre.kv], pre.pad_mask, pre.state)
     x = torch.randn(2, 6, 3)
     with torch.no_grad():
@@ -391,7 +392,7 @@ def test_a_chunk_runs_from_an_upstream_length_prefix_and_from_obs(mode):
     model = tiny(mode)
     sampler = pa.SamplerConfig("flow", 10)
     with torch.no_grad():
-        for cond in (model.random_prefix(2), torch.randn(2, 2, 5)):
+        for cond in (random_prefix(model.config, 2), torch.randn(2, 2, 5)):
             out = pa.sample(model, model.prepare(cond, sampler.timesteps()), torch.randn(2, 6, 3), sampler)
             assert out.shape == (2, 6, 3) and torch.isfinite(out).all()
 

@@ -136,10 +136,11 @@ def test_a_stop_signal_finishes_the_step_saves_and_resumes_exactly(dataset_path,
         return batch_indices(step, *args)
 
     monkeypatch.setattr("policy_accel.train.batch_indices", sigterm_during_6th_update)
+    before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(KeyboardInterrupt, match="stopped at step 6"):
         train(tiny(dataset_path, tmp_path / "stopped", snapshot_dir=str(tmp_path / "snap")))
     monkeypatch.undo()
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone again
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is gone again
     assert torch.load(tmp_path / "stopped" / STATE_FILE, weights_only=False)["step"] == 6
     assert pa.load_policy(tmp_path / "snap").config.info["train_steps"] == 6
     train(tiny(dataset_path, tmp_path / "stopped"))

@@ -4,7 +4,8 @@ A wrapped block computes on the steps its compute mask marks (recording its resi
 and returns a forecast from its stored outputs otherwise. The step index, t and guidance branch come
 from the sampling loop's `StepClock` (plain Python values, so the static-schedule path has no host
 sync). With `compile=True` each block's computation goes through torch.compile while the hook
-itself stays in Python.
+itself stays in Python. Traced into a whole-chunk graph (policy_accel/chunk_graph.py) the hook is
+traced too: its step is a trace-time constant, and its decision is fixed in the graph.
 """
 
 import functools
@@ -80,6 +81,8 @@ class BlockHook:
         forecaster = self.forecasters.get(clock.branch_key)
         if forecaster is None:
             forecaster = self.forecasters[clock.branch_key] = Forecaster(self.order, self.differences)
+        if torch.compiler.is_compiling():  # traced into a whole-chunk graph: the step is known at trace time
+            return self._traced(forecaster, *args, **kwargs)
         if self.mask[clock.step]:
             self.computed += 1
             if self.flops_per_call is None:  # once per attach: count this call's FLOPs
@@ -92,6 +95,21 @@ class BlockHook:
             return out
         self.skipped += 1
         return forecaster.predict(clock.t)
+
+    def _traced(self, forecaster: Forecaster, *args, **kwargs):
+        """The same decision without the counters (they would make dynamo guard on their values and
+        recompile every chunk; the chunk graph adds the counts from the masks) or the FLOP probe."""
+        if self.mask[self.clock.step]:
+            out = self.original_forward(*args, **kwargs)
+            forecaster.update(self.clock.t, out)
+            return out
+        return forecaster.predict(self.clock.t)
+
+    def count_chunk(self, branches: int = 1) -> None:
+        """Add what one traced chunk computed and skipped (`branches` guidance branches) to the counters."""
+        computed = sum(self.mask)
+        self.computed += branches * computed
+        self.skipped += branches * (len(self.mask) - computed)
 
     def reset(self) -> None:
         self.forecasters.clear()

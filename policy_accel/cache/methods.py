@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import torch.nn as nn
 
 from policy_accel.cache.forecast import Forecaster
@@ -232,6 +233,10 @@ class BlockCache(CacheHandle):
     def reset(self) -> None:
         for hook in self.hooks:
             hook.reset()
+
+    def end_chunk(self) -> None:
+        if torch.compiler.is_compiling():  # a whole-chunk graph keeps its cache inside: no tensor outlives it
+            self.reset()
 
     def _detach(self) -> None:
         for hook in self.hooks:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 class BlockStats:
     computed: int
     skipped: int
-    flops_per_call: int  # of one computed call, at the batch size of the first one (0 if none yet)
+    flops_per_call: int  # of one computed eager call, at the batch size of the first one (0 if none yet)
 
     @property
     def flops_saved(self) -> int:
@@ -33,6 +33,7 @@ class CacheStats:
     def __str__(self) -> str:
         computed = sum(b.computed for b in self.blocks.values())
         skipped = sum(b.skipped for b in self.blocks.values())
+        measured = all(b.flops_per_call or not b.skipped for b in self.blocks.values())
+        saved = f"~{self.flops_saved / 1e9:.2f} GFLOP saved" if measured else "FLOPs not measured (no eager chunk)"
         return (f"{self.method}: {len(self.blocks)} blocks, {computed} computed, {skipped} skipped "
-                f"({self.skipped_fraction:.0%}), ~{self.flops_saved / 1e9:.2f} GFLOP saved, "
-                f"cache {self.cache_bytes / 1024:.1f} KiB")
+                f"({self.skipped_fraction:.0%}), {saved}, cache {self.cache_bytes / 1024:.1f} KiB")

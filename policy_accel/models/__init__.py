@@ -21,6 +21,17 @@ def register_family(name: str):
     return decorator
 
 
+def family_config(config_cls, family_name: str, fixed: dict, arch: dict):
+    """`config_cls(**fixed, **arch)`: `fixed` holds the sizes that follow the policy's fields, `arch` the rest."""
+    clash = set(fixed) & set(arch)
+    if clash:
+        raise ValueError(f"the architecture must not set {sorted(clash)}: they follow the policy's fields")
+    try:
+        return config_cls(**fixed, **arch)
+    except TypeError as e:
+        raise ValueError(f"bad architecture field for {family_name}: {e}") from None
+
+
 def family(model_type: str):
     if model_type not in FAMILIES:
         raise ValueError(f"unknown model_type {model_type!r}; known: {', '.join(FAMILIES)}")
@@ -28,7 +39,7 @@ def family(model_type: str):
 
 
 __all__ = ["FAMILIES", "ConditionCache", "CrossAttention", "DPTransformer", "DPTransformerConfig", "FeedForward",
-           "SelfAttention", "family", "register_family"]
+           "SelfAttention", "family", "family_config", "register_family"]
 
 # families that register themselves (after register_family exists: they import it from here)
 from policy_accel.models import action_dit, flow_expert  # noqa: E402, F401

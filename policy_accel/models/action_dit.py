@@ -1,39 +1,45 @@
-"""Action DiTs of VLA policies, nanoGPT-style: GR00T N1.5's flow-matching action head and CogACT's
-diffusion action model, one denoiser (`model_type="action_dit"`) switched by `ActionDiTConfig.mode`.
+"""Action DiTs of VLA policies, nanoGPT-style: GR00T N1.5's flow-matching action head and CogACT's diffusion
+action model, one denoiser (`model_type="action_dit"`) switched by `ActionDiTConfig.mode`.
 
 GR00T N1.5 (LeRobot 0.4.4 `groot/action_head/`; tests/fixtures/vla/README.md), velocity:
     tokens = [state_encoder(state) (1) | future_tokens (F) | action_encoder(x, t) + position_embedding (T)]
-    block i: h += attn(AdaLN(h; temb))  (even: cross-attention to the VL tokens, odd: self-attention)
-             h += ff(LN(h))             (GELU-tanh, 4x)
+    block i: h += attn(AdaLN(h; temb)) (even: cross-attention to the VL tokens, odd: self); h += ff(LN(h))
     out = action_decoder(proj_out_2(LN(h) * (1 + scale) + shift))[-T:]   (shift, scale from temb)
 CogACT (microsoft/CogACT `action_model/models.py`), epsilon:
     tokens = [t_embedder(t) + z_embedder(cognition) (1) | x_embedder(x) (T)] + positional_embedding
     block i: h += attn(LN(h)); h += ff(LN(h));  out = final_layer(h)[1:]
   or, with `adaln_zero` (DiT): c = t_emb + z_emb, h = x_emb + pos-emb, each branch modulated and gated by
-  shift/scale/gate = adaLN_modulation(c) (zero-initialised, so every block starts as the identity).
+  shift/scale/gate = adaLN_modulation(c) (zero-initialised: every block starts as the identity).
 
     ctx = model.prepare(cond, timesteps)   # once per chunk: VL tokens + their K/V, state, per-step modulations
     out = model(x, t, ctx.at_step(k))      # per sampler step; ctx.uncond(): CogACT's learned null condition
 
-Our flow sampler runs t from 1 (noise) to 0 with velocity noise - x0; GR00T runs t_g = 1 - t with
-v_g = x0 - noise and integer buckets int(t_g * 1000), so this model returns -v_g. Sampling buckets are
-upstream's int(k / N * 1000) (step k of N), computed in `prepare` from the sampler's timesteps.
+Our flow sampler runs t from 1 (noise) to 0 with velocity noise - x0; GR00T runs t_g = 1 - t with v_g = x0 -
+noise and integer buckets int(t_g * 1000), so this model returns -v_g; sampling buckets are upstream's
+int(k / N * 1000) (step k of N), computed in `prepare` from the sampler's timesteps (Python floats, no sync).
 """
 
-import math
 from collections import OrderedDict
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from policy_accel.denoiser import Context
-from policy_accel.models import register_family
-from policy_accel.models.blocks import KV
+from policy_accel.models import family_config, register_family
+from policy_accel.models.action_dit_io import (
+    CategorySpecificLinear,
+    CategorySpecificMLP,
+    LabelEmbedder,
+    MultiEmbodimentActionEncoder,
+    TimestepEncoder,
+    action_time_features,
+    cogact_time_features,
+)
+from policy_accel.models.blocks import KV, check_positive, decay_groups
 
 MODES = ("groot_n15", "cogact")
-GROOT_INPUTS, COGACT_INPUTS = ("backbone_features", "state", "embodiment_id"), ("cognition_features",)
 
 
 @dataclass
@@ -46,7 +52,7 @@ class ActionDiTConfig:
     head_dim: int = 16  # width C = num_heads * head_dim
     ff_mult: int = 4
     dropout: float = 0.0  # branch-output dropout (GR00T upstream: 0.2; CogACT: 0)
-    obs_dim: int = 0  # > 0: flat observations (B, n_obs_steps, obs_dim) through `obs_proj`, a VLM stand-in
+    obs_dim: int = 0  # > 0: flat observations (B, n_obs_steps, obs_dim) through `obs_proj` (models/stand_ins.py)
     n_obs_steps: int = 1
     # GR00T N1.5
     cross_attention_dim: int = 64  # VL token width (backbone_embedding_dim)
@@ -68,12 +74,9 @@ class ActionDiTConfig:
         if self.mode not in MODES:
             raise ValueError(f"ActionDiTConfig.mode must be one of {MODES}, got {self.mode!r}")
         groot = self.mode == "groot_n15"
-        positive = ["action_dim", "horizon", "num_layers", "num_heads", "head_dim", "ff_mult", "n_obs_steps"]
-        positive += ["cross_attention_dim", "hidden_size", "state_dim", "num_embodiments", "max_seq_len", "vl_heads",
-                     "vl_head_dim", "num_timestep_buckets"] if groot else ["cond_dim"]
-        for name in positive:
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"ActionDiTConfig.{name} must be a positive int, got {getattr(self, name)!r}")
+        check_positive(self, ["action_dim", "horizon", "num_layers", "num_heads", "head_dim", "ff_mult", "n_obs_steps"]
+                       + (["cross_attention_dim", "hidden_size", "state_dim", "num_embodiments", "max_seq_len",
+                           "vl_heads", "vl_head_dim", "num_timestep_buckets"] if groot else ["cond_dim"]))
         if groot and self.vl_heads * self.vl_head_dim != self.cross_attention_dim:
             raise ValueError(f"vl_heads * vl_head_dim = {self.vl_heads * self.vl_head_dim} must equal "
                              f"cross_attention_dim {self.cross_attention_dim}")
@@ -139,7 +142,7 @@ class AdaLayerNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:  # mod = linear(SiLU(temb)) (B|1, 2C)
         scale, shift = mod.chunk(2, dim=-1)
-        return self.norm(x) * (1 + scale[:, None]) + shift[:, None]
+        return _modulate(self.norm(x), shift, scale)
 
 
 class Attention(nn.Module):
@@ -161,13 +164,11 @@ class Attention(nn.Module):
         return _heads(self.to_k(memory), self.heads), _heads(self.to_v(memory), self.heads)
 
     def forward(self, x, mod=None, memory=None):  # x (B, T, C); memory: VL tokens (B, S, D) or their KV
-        if self.style == "ada":
-            h = self.norm1(x, mod)
-        elif self.style == "zero":
+        if self.style == "zero":
             shift, scale, gate = mod.chunk(3, dim=-1)
             h = _modulate(self.norm1(x), shift, scale)
         else:
-            h = self.norm1(x)
+            h = self.norm1(x, mod) if self.style == "ada" else self.norm1(x)
         q = _heads(self.to_q(h), self.heads)  # (B, H, T, hd)
         k, v = (memory if isinstance(memory, tuple) else self.kv(memory)) if self.is_cross else self.kv(h)
         y = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, hd)
@@ -202,84 +203,6 @@ class Block(nn.Module):
     def forward(self, hidden_states, attn_mod=None, ff_mod=None, memory=None):  # (B, T, C) -> (B, T, C)
         x = hidden_states + self.attn(hidden_states, attn_mod, memory)
         return x + self.ff(x, ff_mod)
-
-
-class CategorySpecificLinear(nn.Module):
-    """Per-embodiment Linear: W [E, in, out], b [E, out]; y = x @ W[e] + b[e] per row."""
-
-    def __init__(self, num: int, d_in: int, d_out: int):
-        super().__init__()
-        self.W = nn.Parameter(0.02 * torch.randn(num, d_in, d_out))
-        self.b = nn.Parameter(torch.zeros(num, d_out))
-
-    def select(self, ids: torch.Tensor) -> KV:  # (B,) -> W (B, in, out), b (B, out)
-        return self.W[ids], self.b[ids]
-
-    def forward(self, x, ids_or_selected):  # x (B, T, in): embodiment ids (B,) or (W, b) from select()
-        W, b = ids_or_selected if isinstance(ids_or_selected, tuple) else self.select(ids_or_selected)
-        return torch.bmm(x, W) + b.unsqueeze(1)
-
-
-class CategorySpecificMLP(nn.Module):
-    def __init__(self, num, d_in, d_hidden, d_out):
-        super().__init__()
-        self.layer1 = CategorySpecificLinear(num, d_in, d_hidden)
-        self.layer2 = CategorySpecificLinear(num, d_hidden, d_out)
-
-    def forward(self, x, sel):  # sel: ids (B,) or {"layer1": (W, b), "layer2": (W, b)}
-        s1, s2 = (sel["layer1"], sel["layer2"]) if isinstance(sel, dict) else (sel, sel)
-        return self.layer2(F.relu(self.layer1(x, s1)), s2)
-
-
-class MultiEmbodimentActionEncoder(nn.Module):
-    def __init__(self, action_dim, width, num):
-        super().__init__()
-        self.W1 = CategorySpecificLinear(num, action_dim, width)
-        self.W2 = CategorySpecificLinear(num, 2 * width, width)
-        self.W3 = CategorySpecificLinear(num, width, width)
-
-    def forward(self, x, tau, sel):  # x (B, T, Da), tau (B|1, C) time features, sel {"W1": (W, b), ...}
-        a = self.W1(x, sel["W1"])  # (B, T, C)
-        h = self.W2(torch.cat([a, tau[:, None].expand(a.shape)], dim=-1), sel["W2"])
-        return self.W3(h * torch.sigmoid(h), sel["W3"])  # swish
-
-
-class TimestepEncoder(nn.Module):
-    """GR00T temb: diffusers Timesteps(256, flip_sin_to_cos, shift 1) -> Linear, SiLU, Linear."""
-
-    def __init__(self, width: int, channels: int = 256):
-        super().__init__()
-        half = channels // 2
-        self.register_buffer("freqs", torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32)
-                                                / (half - 1)), persistent=False)
-        self.timestep_embedder = nn.ModuleDict(dict(linear_1=nn.Linear(channels, width),
-                                                    linear_2=nn.Linear(width, width)))
-
-    def forward(self, bucket: torch.Tensor) -> torch.Tensor:  # (N,) int64 -> (N, C)
-        e = bucket[:, None].float() * self.freqs[None]
-        e = torch.cat([e.cos(), e.sin()], dim=-1).to(self.timestep_embedder.linear_1.weight.dtype)
-        return self.timestep_embedder.linear_2(F.silu(self.timestep_embedder.linear_1(e)))
-
-
-class LabelEmbedder(nn.Module):  # CogACT's z_embedder: Linear over the condition, learned null condition
-    def __init__(self, d_in: int, width: int):
-        super().__init__()
-        self.linear = nn.Linear(d_in, width)
-        self.uncondition = nn.Parameter(0.02 * torch.randn(1, d_in))
-
-
-def _action_time_features(bucket: torch.Tensor, width: int) -> torch.Tensor:
-    """GR00T action-encoder time features: [sin(b f), cos(b f)], f = exp(-i ln(1e4) / (C/2)). (N,) -> (N, C)"""
-    half = width // 2
-    f = (-torch.arange(half, dtype=torch.float, device=bucket.device) * (torch.log(torch.tensor(10000.0)) / half)).exp()
-    a = bucket.float()[:, None] * f
-    return torch.cat([a.sin(), a.cos()], dim=-1)
-
-
-def _cogact_time_features(t: torch.Tensor, dim: int = 256) -> torch.Tensor:  # (N,) -> (N, 256): [cos, sin]
-    f = torch.exp(-math.log(10000) * torch.arange(dim // 2, dtype=torch.float32, device=t.device) / (dim // 2))
-    a = t[:, None].float() * f[None]
-    return torch.cat([a.cos(), a.sin()], dim=-1)
 
 
 @dataclass
@@ -326,46 +249,39 @@ class ActionDiT(nn.Module):
     def config_for(cls, obs_dim: int, action_dim: int, horizon: int, n_obs_steps: int, arch: dict) -> ActionDiTConfig:
         """Config for flat observations: `arch` holds mode and sizes; GR00T's state is the latest observation."""
         fixed = dict(obs_dim=obs_dim, action_dim=action_dim, horizon=horizon, n_obs_steps=n_obs_steps)
-        if arch.get("mode", "groot_n15") == "groot_n15":
-            fixed["state_dim"] = obs_dim
-        clash, known = set(fixed) & set(arch), {f.name for f in fields(ActionDiTConfig)}
-        if clash or set(arch) - known:
-            raise ValueError(f"bad architecture fields for action_dit: {sorted(clash | (set(arch) - known))} "
-                             "(unknown, or set by the policy)")
-        return ActionDiTConfig(**fixed, **arch)
+        fixed |= {"state_dim": obs_dim} if arch.get("mode", "groot_n15") == "groot_n15" else {}
+        return family_config(ActionDiTConfig, "action_dit", fixed, arch)
 
     def __init__(self, config: ActionDiTConfig):
         super().__init__()
         self.config = cfg = config
         self.groot = cfg.mode == "groot_n15"
         self.prediction = "velocity" if self.groot else "epsilon"
-        C, T = cfg.width, cfg.horizon
+        C, T, E, D = cfg.width, cfg.horizon, cfg.num_embodiments, cfg.cross_attention_dim
         if self.groot:
             if cfg.obs_dim:
-                self.obs_proj = nn.Linear(cfg.obs_dim, cfg.cross_attention_dim)  # obs step -> one VL token
+                self.obs_proj = nn.Linear(cfg.obs_dim, D)  # stand-in VLM: obs step -> one VL token
             self.timestep_encoder = TimestepEncoder(C)
             self.transformer_blocks = nn.ModuleList(
-                Block(Attention(C, cfg.num_heads, cfg.head_dim, kv_dim=None if i % 2 else cfg.cross_attention_dim,
-                                norm="ada", dropout=cfg.dropout),
-                      FeedForward(C, cfg.ff_mult, dropout=cfg.dropout)) for i in range(cfg.num_layers))
+                Block(Attention(C, cfg.num_heads, cfg.head_dim, kv_dim=None if i % 2 else D, norm="ada",
+                                dropout=cfg.dropout), FeedForward(C, cfg.ff_mult, dropout=cfg.dropout))
+                for i in range(cfg.num_layers))
             self.norm_out = nn.LayerNorm(C, eps=1e-6, elementwise_affine=False)
             self.proj_out_1, self.proj_out_2 = nn.Linear(C, 2 * C), nn.Linear(C, cfg.hidden_size)
-            E = cfg.num_embodiments
             self.state_encoder = CategorySpecificMLP(E, cfg.state_dim, cfg.hidden_size, C)
             self.action_encoder = MultiEmbodimentActionEncoder(cfg.action_dim, C, E)
             self.action_decoder = CategorySpecificMLP(E, cfg.hidden_size, cfg.hidden_size, cfg.action_dim)
             self.future_tokens = nn.Embedding(cfg.num_future_tokens, C)
-            self.vlln = nn.LayerNorm(cfg.cross_attention_dim)
+            self.vlln = nn.LayerNorm(D)
             self.vl_self_attention = nn.ModuleDict(dict(transformer_blocks=nn.ModuleList(  # pre-LN, no final norm
-                Block(Attention(cfg.cross_attention_dim, cfg.vl_heads, cfg.vl_head_dim, norm="affine",
-                                dropout=cfg.dropout), FeedForward(cfg.cross_attention_dim, norm="affine",
-                                                                  dropout=cfg.dropout)) for _ in range(cfg.vl_layers))))
+                Block(Attention(D, cfg.vl_heads, cfg.vl_head_dim, norm="affine", dropout=cfg.dropout),
+                      FeedForward(D, norm="affine", dropout=cfg.dropout)) for _ in range(cfg.vl_layers))))
             self.position_embedding = nn.Embedding(cfg.max_seq_len, C)
             for emb in (self.future_tokens, self.position_embedding):
                 nn.init.normal_(emb.weight, std=0.02)
             return
         if cfg.obs_dim:
-            self.obs_proj = nn.Linear(cfg.n_obs_steps * cfg.obs_dim, cfg.cond_dim)  # obs history -> cognition
+            self.obs_proj = nn.Linear(cfg.n_obs_steps * cfg.obs_dim, cfg.cond_dim)  # stand-in: history -> cognition
         norm, zero = ("zero", C) if cfg.adaln_zero else ("plain", 0)
         self.x_embedder = nn.ModuleDict(dict(linear=nn.Linear(cfg.action_dim, C)))
         self.t_embedder = nn.ModuleDict(dict(mlp=nn.Sequential(nn.Linear(256, C), nn.SiLU(), nn.Linear(C, C))))
@@ -388,30 +304,19 @@ class ActionDiT(nn.Module):
                 if name.startswith("final_layer") or "adaLN" in name:
                     nn.init.zeros_(m.weight)
 
-    def optim_groups(self, weight_decay: float) -> list[dict]:
-        """AdamW groups: decay Linear and per-embodiment weights only (not biases, norms, embeddings, null)."""
-        decay = {f"{n}.weight" for n, m in self.named_modules() if isinstance(m, nn.Linear)}
-        decay |= {f"{n}.W" for n, m in self.named_modules() if isinstance(m, CategorySpecificLinear)}
-        params = dict(self.named_parameters())
-        return [{"params": [p for n, p in params.items() if n in decay], "weight_decay": weight_decay},
-                {"params": [p for n, p in params.items() if n not in decay], "weight_decay": 0.0}]
+    def optim_groups(self, weight_decay: float) -> list[dict]:  # Linear and per-embodiment weights decay
+        return decay_groups(self, weight_decay, (CategorySpecificLinear, "W"))
 
     # ---------------------------------------------------------------- once per chunk
     def _inputs(self, cond) -> dict:
         """Flat obs (B, To, obs_dim) or a mapping of upstream's inputs -> validated upstream inputs."""
-        cfg, names = self.config, GROOT_INPUTS if self.groot else COGACT_INPUTS
         if isinstance(cond, torch.Tensor):
-            if not cfg.obs_dim:
-                raise ValueError(f"this action DiT has no observation projection (obs_dim=0): pass a mapping with "
-                                 f"{names}")
-            if cond.ndim != 3 or cond.shape[1:] != (cfg.n_obs_steps, cfg.obs_dim):
-                raise ValueError(f"cond must be (B, {cfg.n_obs_steps}, {cfg.obs_dim}), got {tuple(cond.shape)}")
-            if not self.groot:
-                return {"cognition_features": self.obs_proj(cond.flatten(1))[:, None]}
-            return {"backbone_features": self.obs_proj(cond), "state": cond[:, -1:],
-                    "embodiment_id": torch.zeros(len(cond), dtype=torch.long, device=cond.device)}
-        extra = set(cond) - set(names) - {"backbone_attention_mask"}  # the mask: upstream never reads it
-        if extra or set(names) - set(cond):
+            from policy_accel.models.stand_ins import action_dit_inputs
+
+            return action_dit_inputs(self, cond)
+        cfg = self.config
+        names = ("backbone_features", "state", "embodiment_id") if self.groot else ("cognition_features",)
+        if set(cond) - set(names) - {"backbone_attention_mask"} or set(names) - set(cond):  # upstream ignores the mask
             raise ValueError(f"cond mapping must hold exactly {names}, got {sorted(cond)}")
         B = len(cond[names[0]])
         want = {"backbone_features": (B, None, cfg.cross_attention_dim), "state": (B, 1, cfg.state_dim),
@@ -437,11 +342,10 @@ class ActionDiT(nn.Module):
             vl = self.vlln(c["backbone_features"])  # (B, S, D)
             for block in self.vl_self_attention.transformer_blocks:
                 vl = block(vl)
-            B = len(vl)
-            selected = {f"W{i}": getattr(self.action_encoder, f"W{i}").select(ids) for i in (1, 2, 3)}
-            selected |= {f"layer{i}": getattr(self.action_decoder, f"layer{i}").select(ids) for i in (1, 2)}
+            selected = {f"W{i}": (w.W[ids], w.b[ids]) for i, w in enumerate(self.action_encoder.children(), 1)}
+            selected |= {name: (w.W[ids], w.b[ids]) for name, w in self.action_decoder.named_children()}
             state = self.state_encoder(c["state"], ids)  # (B, 1, C)
-            prefix = torch.cat([state, self.future_tokens.weight.expand(B, -1, -1)], dim=1)  # (B, 1+F, C)
+            prefix = torch.cat([state, self.future_tokens.weight.expand(len(vl), -1, -1)], dim=1)  # (B, 1+F, C)
             memory = [b.attn.kv(vl) if b.attn.is_cross else None for b in self.transformer_blocks]
             ctx = ActionDiTContext(prefix, memory, selected, vl)
         else:
@@ -449,36 +353,38 @@ class ActionDiT(nn.Module):
             if self.training and self.config.class_dropout_prob > 0:  # CogACT's condition dropout
                 drop = torch.rand(len(z), device=z.device) < self.config.class_dropout_prob
                 z = torch.where(drop[:, None, None], self.z_embedder.uncondition, z)
-            ctx = ActionDiTContext(self.z_embedder.linear(z), null=self.z_embedder.linear(self.z_embedder.uncondition
-                                                                                           )[None])  # (1, 1, C)
+            null = self.z_embedder.linear(self.z_embedder.uncondition)[None]  # (1, 1, C)
+            ctx = ActionDiTContext(self.z_embedder.linear(z), null=null)
         if timesteps is not None:
-            ts = torch.tensor([float(t) for t in timesteps], device=ctx.prefix.device)
-            ctx.steps = [self._step_tensors(self._time(ts[k:k + 1], len(ts)), ctx.prefix) for k in range(len(ts))]
+            times = self._sampling_times(timesteps, ctx.prefix.device)  # (K,)
+            ctx.steps = [self._step_tensors(times[k:k + 1], ctx.prefix) for k in range(len(times))]
             if self.config.adaln_zero:
-                ctx.null_steps = [self._step_tensors(self._time(ts[k:k + 1], len(ts)), ctx.null.expand_as(ctx.prefix))
-                                  for k in range(len(ts))]
+                null = ctx.null.expand_as(ctx.prefix)
+                ctx.null_steps = [self._step_tensors(times[k:k + 1], null) for k in range(len(times))]
         return ctx
 
-    def _time(self, t: torch.Tensor, num_steps: int | None = None) -> torch.Tensor:
-        """The model's time input: GR00T bucket (int64) or CogACT train step. With `num_steps` (sampling on
-        the flow grid t = 1 - k/N), GR00T's bucket is upstream's int(k / N * buckets)."""
-        if not self.groot:
-            return t
-        nb = self.config.num_timestep_buckets
-        if num_steps is None:  # training / unprepared step: t_g = 1 - t
-            return ((1 - t) * nb).long()
-        k = [round((1 - float(v)) * num_steps) for v in t]
-        if any(abs((1 - float(v)) * num_steps - j) > 1e-4 or not 0 <= j < num_steps for v, j in zip(t, k, strict=True)):
-            raise ValueError(f"GR00T buckets need the flow grid t = 1 - k/{num_steps}; got timesteps {t.tolist()}")
-        return torch.tensor([int(j / num_steps * nb) for j in k], device=t.device)
+    def _time(self, t: torch.Tensor) -> torch.Tensor:
+        """The model's time input from t (N,): CogACT's train step; GR00T's bucket int((1 - t) * buckets)."""
+        return ((1 - t) * self.config.num_timestep_buckets).long() if self.groot else t
+
+    def _sampling_times(self, timesteps, device=None) -> torch.Tensor:
+        """The sampler's t values (Python floats) -> the model's time input per step (K,); GR00T: upstream's
+        sampling buckets int(k / N * buckets) on the flow grid t = 1 - k/N."""
+        t = [float(v) for v in timesteps]
+        if self.groot:
+            N, k = len(t), [round((1 - v) * len(t)) for v in t]
+            if any(abs((1 - v) * N - j) > 1e-4 or not 0 <= j < N for v, j in zip(t, k, strict=True)):
+                raise ValueError(f"GR00T buckets need the flow grid t = 1 - k/{N}; got timesteps {t}")
+            t = [int(j / N * self.config.num_timestep_buckets) for j in k]
+        return torch.tensor(t, device=device)
 
     def _step_tensors(self, time: torch.Tensor, z: torch.Tensor) -> StepTensors:
         """Per-step tensors from the time input (N,) with N = 1 or B (and, adaLN-Zero, the condition z)."""
         if self.groot:
             temb = F.silu(self.timestep_encoder(time))  # (N, C)
             return StepTensors([(b.attn.norm1.linear(temb), None) for b in self.transformer_blocks],
-                               self.proj_out_1(temb), tau=_action_time_features(time, self.config.width))
-        temb = self.t_embedder.mlp(_cogact_time_features(time))  # (N, C)
+                               self.proj_out_1(temb), tau=action_time_features(time, self.config.width))
+        temb = self.t_embedder.mlp(cogact_time_features(time))  # (N, C)
         if not self.config.adaln_zero:
             return StepTensors([(None, None)] * len(self.transformer_blocks), temb=temb)
         c = temb + z[:, 0]  # (B, C)

@@ -94,3 +94,22 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.resid_drop(self.proj(self.drop(self.act(self.fc(self.norm(x))))))
+
+
+def decay_groups(model: nn.Module, weight_decay: float, extra: tuple[type, str] | None = None) -> list[dict]:
+    """AdamW groups: every nn.Linear weight (and `extra` = (module type, parameter name)) decays; biases,
+    norms, embeddings and learned tokens do not."""
+    decay = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    if extra is not None:
+        decay |= {f"{n}.{extra[1]}" for n, m in model.named_modules() if isinstance(m, extra[0])}
+    params = dict(model.named_parameters())
+    return [{"params": [p for n, p in params.items() if n in decay], "weight_decay": weight_decay},
+            {"params": [p for n, p in params.items() if n not in decay], "weight_decay": 0.0}]
+
+
+def check_positive(config, names) -> None:
+    """Raise unless every field in `names` of the dataclass `config` is a positive int."""
+    for name in names:
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{type(config).__name__}.{name} must be a positive int, got {value!r}")

@@ -75,15 +75,27 @@ def _additive(allowed: torch.Tensor) -> torch.Tensor:
     return torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))
 
 
+def _frequencies(dim: int, device=None) -> torch.Tensor:
+    half = dim // 2
+    return torch.exp(torch.arange(half, device=device) * -(math.log(10000) / (half - 1)))
+
+
 class SinusoidalPosEmb(nn.Module):
+    """fp32 whatever the model's dtype: t * freq reaches ~100 rad at t = 99, and a bf16 frequency or
+    product there is off by up to ~0.4 rad (the caller casts the embedding to the model's dtype)."""
+
     def __init__(self, dim: int):
         super().__init__()
-        half = dim // 2
-        freqs = torch.exp(torch.arange(half) * -(math.log(10000) / (half - 1)))
-        self.register_buffer("freqs", freqs, persistent=False)
+        self.register_buffer("freqs", _frequencies(dim), persistent=False)
 
-    def forward(self, t: torch.Tensor) -> torch.Tensor:  # (B,) -> (B, dim)
-        emb = t.to(self.freqs.dtype)[:, None] * self.freqs[None, :]
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.freqs.dtype != torch.float32:  # cast with the model: recompute in fp32 rather than upcast
+            self.freqs = _frequencies(2 * self.freqs.shape[0], self.freqs.device)
+        return self
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:  # (B,) -> (B, dim) fp32
+        emb = t.float()[:, None] * self.freqs[None, :]
         return torch.cat([emb.sin(), emb.cos()], dim=-1)
 
 
@@ -176,7 +188,7 @@ class DPTransformer(nn.Module):
 
     def _time_memory(self, t: torch.Tensor) -> torch.Tensor:
         """Time tokens after pos-emb and MLP: (N,) -> (N, 1, C)."""
-        tok = self.time_emb(t)[:, None, :] + self.cond_pos_emb[:, :1]
+        tok = self.time_emb(t).to(self.cond_pos_emb.dtype)[:, None, :] + self.cond_pos_emb[:, :1]
         return self.cond_mlp(self.drop(tok))
 
     def _time_kv(self, t: torch.Tensor) -> list[KV]:

@@ -1,23 +1,19 @@
 """Flow-matching action experts over a VLM prefix K/V: SmolVLA, π0 and π0.5 (LeRobot's re-implementations of
 openpi / SmolVLA), nanoGPT-style, one config switching the three modes.
 
-    prefix K/V per layer (keys after RoPE) + pad mask   (a VLM's prefix pass, or the built-in stand-in from obs)
-    action tokens x_t (B, H, Da) -> action_in_proj -> time: SmolVLA / π0  cat[a, sin-cos(t)] -> MLP (swish)
-                                                              π0.5        adaptive RMSNorm (scale/shift/gate)
+    prefix K/V per layer (keys after RoPE) + pad mask     (a VLM's prefix pass; stand_ins.PrefixEncoder from obs)
+    actions x_t (B, H, Da) -> action_in_proj -> SmolVLA / π0: MLP(cat[a, sin-cos(t)]); π0.5: adaptive RMSNorms
     n_layer pre-norm layers: x += layers[i].attn(x, prefix K/V of layer i); x += layers[i].mlp(x)
     final RMSNorm -> action_out_proj -> velocity (noise - x0); t runs from 1 (noise) to 0
 
-Attention per mode: SmolVLA's even layers attend jointly to [VLM layer i's prefix K/V ; own K/V] (causal among
-actions), its odd layers cross-attend to the prefix K/V re-projected by their own k_proj/v_proj; every π0 / π0.5
-layer attends jointly to [prefix K/V ; own K/V] (bidirectional among actions). π0's state token (a suffix token
-upstream) sees only the prefix and itself, so its K/V in every layer is computed once per chunk in `prepare`,
-with the prefix K/V, masks, RoPE tables, cross-layer K/V and per-step time features (π0.5: all norm modulations).
+Every π0 / π0.5 layer and SmolVLA's even layers attend jointly to [VLM layer i's prefix K/V ; own K/V] (SmolVLA:
+causal among actions); SmolVLA's odd layers cross-attend to the prefix K/V re-projected by their own k/v_proj.
+π0's state token sees only the prefix and itself: its K/V are fixed per chunk, computed in `prepare` with the
+masks, RoPE tables, cross-layer K/V and per-step time features (π0.5: every norm's modulation).
 
     ctx = model.prepare(prefix_or_obs, timesteps)     # once per chunk (the Denoiser seam)
-    v = model(x, t, ctx.at_step(k))                   # per sampling step
-    v = model(x, t_batch, model.prepare(obs))         # training: one t per row
+    v = model(x, t, ctx.at_step(k))                   # per sampling step; training: t of shape (B,)
 """
-
 import math
 from dataclasses import dataclass, replace
 
@@ -26,7 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from policy_accel.denoiser import Context
-from policy_accel.models import register_family
+from policy_accel.models import family_config, register_family
+from policy_accel.models.blocks import check_positive, decay_groups
 
 MODES = ("smolvla", "pi0", "pi05")
 NEG = torch.finfo(torch.float32).min  # masked logits, as upstream (not -inf: a fully masked row stays finite)
@@ -48,20 +45,19 @@ class FlowExpertConfig:
     min_period: float = 4e-3  # sine-cosine time embedding
     max_period: float = 4.0
     rope_max_wavelength: float = 10_000.0
-    prefix_len: int = 241  # prefix tokens of the upstream model (random_prefix, for profiling)
-    obs_dim: int = 0  # > 0: a built-in prefix encoder (stand-in VLM) turns obs (B, n_obs_steps, obs_dim) into a prefix
+    prefix_len: int = 241  # prefix tokens of the upstream model (stand_ins.random_prefix, for profiling)
+    obs_dim: int = 0  # > 0: a stand-in VLM (stand_ins.PrefixEncoder) makes the prefix from obs (B, To, obs_dim)
     n_obs_steps: int = 1
-    prefix_width: int = 960  # built-in prefix encoder width and MLP
+    prefix_width: int = 960  # the VLM's text-transformer width and MLP (the stand-in's, and the profile's)
     prefix_mlp_dim: int = 2560
     state_dim: int = 0  # π0 only: the state token's input (from obs: the current observation)
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"unknown flow expert mode {self.mode!r}; expected one of {MODES}")
-        for name in ("action_dim", "horizon", "n_layer", "width", "n_head", "n_kv_head", "head_dim", "mlp_dim",
-                     "self_attn_every_n_layers", "prefix_len", "n_obs_steps", "prefix_width", "prefix_mlp_dim"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"FlowExpertConfig.{name} must be a positive int, got {getattr(self, name)!r}")
+        check_positive(self, ("action_dim", "horizon", "n_layer", "width", "n_head", "n_kv_head", "head_dim",
+                              "mlp_dim", "self_attn_every_n_layers", "prefix_len", "n_obs_steps", "prefix_width",
+                              "prefix_mlp_dim"))
         if self.n_head % self.n_kv_head:
             raise ValueError(f"n_head {self.n_head} must be a multiple of n_kv_head {self.n_kv_head}")
         if self.head_dim % 2 or self.width % 2:
@@ -113,9 +109,7 @@ class FlowExpertConfig:
         `PiGemmaRMSNorm(cond_dim=1024)`); no state token (the state is discretised into the prompt,
         processor_pi05.py); prefix_len 968 = 3 × 256 image tokens + `tokenizer_max_length` 200.
         """
-        return cls(**{**dict(mode="pi05", action_dim=32, horizon=50, n_layer=18, width=1024, n_head=8, n_kv_head=1,
-                             head_dim=256, mlp_dim=4096, prefix_len=3 * 256 + 200, prefix_width=2048,
-                             prefix_mlp_dim=16384, state_dim=0), **kw})
+        return cls.pi0(**{**dict(mode="pi05", prefix_len=3 * 256 + 200, state_dim=0), **kw})
 
 
 @dataclass
@@ -148,10 +142,6 @@ class FlowContext(Context):
             raise IndexError(f"step {step}: this context was prepared for {len(self.time)} sampler steps")
         return replace(self, step_time=self.time[step:step + 1])
 
-    @property
-    def batch_size(self) -> int:
-        return self.mask.shape[0]
-
 
 def time_embedding(t: torch.Tensor, dim: int, min_period: float, max_period: float) -> torch.Tensor:
     """Sine-cosine embedding of t (N,) -> (N, dim), computed in float64 as upstream, returned as float32."""
@@ -176,6 +166,10 @@ def rotate(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Te
 
 def additive(allowed: torch.Tensor) -> torch.Tensor:
     return torch.zeros(allowed.shape, device=allowed.device).masked_fill(~allowed, NEG)
+
+
+def gated(out: torch.Tensor, mod: torch.Tensor | None) -> torch.Tensor:  # π0.5: branch output × gate
+    return out if mod is None else out * mod.chunk(3, dim=-1)[2]
 
 
 class RMSNorm(nn.Module):
@@ -231,7 +225,7 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_head != self.n_kv_head)
         return self.o_proj(y.transpose(1, 2).flatten(2))
 
-    def forward(self, x: torch.Tensor, kv: KV, mask: torch.Tensor, rope, mod: torch.Tensor | None = None
+    def forward(self, x: torch.Tensor, kv: KV, mask: torch.Tensor | None, rope, mod: torch.Tensor | None = None
                 ) -> torch.Tensor:  # x (B, T, C) residual stream -> (B, T, C) branch output
         h = self.input_layernorm(x, mod)
         if self.cross:  # K/V re-projected once per chunk; queries rotated from position 0
@@ -239,8 +233,7 @@ class Attention(nn.Module):
         else:  # joint: [prefix ; own tokens]
             q, k, v = self.qkv(h, rope)
             k, v = torch.cat([kv[0], k], dim=2), torch.cat([kv[1], v], dim=2)
-        out = self.attend(q, k, v, mask)
-        return out if mod is None else out * mod.chunk(3, dim=-1)[2]
+        return gated(self.attend(q, k, v, mask), mod)
 
 
 class MLP(nn.Module):
@@ -256,8 +249,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor, mod: torch.Tensor | None = None) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
         h = self.post_attention_layernorm(x, mod)
-        out = self.down_proj(self.act_fn(self.gate_proj(h)) * self.up_proj(h))
-        return out if mod is None else out * mod.chunk(3, dim=-1)[2]
+        return gated(self.down_proj(self.act_fn(self.gate_proj(h)) * self.up_proj(h)), mod)
 
 
 class Layer(nn.Module):
@@ -283,24 +275,6 @@ def collect_kv(layers, h: torch.Tensor, rope, mask: torch.Tensor | None, past: l
     return kv
 
 
-class PrefixEncoder(nn.Module):
-    """Stand-in for the VLM when the condition is an obs history: one token per obs step (Linear), n_layer
-    pre-norm layers with bidirectional attention, RoPE positions 0..To-1; keeps each layer's K/V."""
-
-    def __init__(self, cfg: FlowExpertConfig):
-        super().__init__()
-        style = "llama" if cfg.mode == "smolvla" else "gemma"
-        self.cfg = cfg
-        self.embed = nn.Linear(cfg.obs_dim, cfg.prefix_width)
-        self.layers = nn.ModuleList(Layer(cfg, cfg.prefix_width, cfg.prefix_mlp_dim, style) for _ in range(cfg.n_layer))
-
-    def forward(self, obs: torch.Tensor) -> Prefix:  # (B, To, obs_dim) -> Prefix with To tokens
-        B, To, _ = obs.shape
-        rope = rope_table(torch.arange(To, device=obs.device)[None], self.cfg.head_dim, self.cfg.rope_max_wavelength)
-        kv = collect_kv(self.layers, self.embed(obs), rope, None)
-        return Prefix(kv, torch.ones(B, To, dtype=torch.bool, device=obs.device))
-
-
 @register_family("flow_expert")
 class FlowExpert(nn.Module):
     prediction = "velocity"
@@ -309,18 +283,11 @@ class FlowExpert(nn.Module):
     @classmethod
     def config_for(cls, obs_dim: int, action_dim: int, horizon: int, n_obs_steps: int, arch: dict
                    ) -> FlowExpertConfig:
-        """A flow expert over the built-in prefix encoder of `n_obs_steps` observations of `obs_dim` (π0: the
+        """A flow expert over the stand-in prefix encoder of `n_obs_steps` observations of `obs_dim` (π0: the
         current observation is also the state token); `arch` holds mode and sizes (width, n_layer, ...)."""
         fixed = dict(obs_dim=obs_dim, action_dim=action_dim, horizon=horizon, n_obs_steps=n_obs_steps)
-        if arch.get("mode") == "pi0":
-            fixed["state_dim"] = obs_dim
-        clash = set(fixed) & set(arch)
-        if clash:
-            raise ValueError(f"the architecture must not set {sorted(clash)}: they follow the policy's fields")
-        try:
-            return FlowExpertConfig(**fixed, **arch)
-        except TypeError as e:
-            raise ValueError(f"bad architecture field for flow_expert: {e}") from None
+        fixed |= {"state_dim": obs_dim} if arch.get("mode") == "pi0" else {}
+        return family_config(FlowExpertConfig, "flow_expert", fixed, arch)
 
     def __init__(self, config: FlowExpertConfig):
         super().__init__()
@@ -336,7 +303,11 @@ class FlowExpert(nn.Module):
         self.layers = nn.ModuleList(Layer(cfg, C, cfg.mlp_dim, style, cfg.is_cross(i)) for i in range(cfg.n_layer))
         self.norm = RMSNorm(C, 1e-5 if cfg.mode == "smolvla" else 1e-6, style)
         self.action_out_proj = nn.Linear(C, cfg.action_dim)
-        self.prefix_encoder = PrefixEncoder(cfg) if cfg.obs_dim else None
+        self.prefix_encoder = None
+        if cfg.obs_dim:
+            from policy_accel.models.stand_ins import PrefixEncoder  # built from this module's layers
+
+            self.prefix_encoder = PrefixEncoder(cfg)
         self.apply(self._init_weights)
 
     @staticmethod
@@ -350,23 +321,10 @@ class FlowExpert(nn.Module):
             bound = 1 / math.sqrt(module.dense.in_features)
             nn.init.uniform_(module.dense.bias, -bound, bound)
 
-    def optim_groups(self, weight_decay: float) -> list[dict]:
-        """AdamW groups: decay Linear weights only (not biases or norms); adaptive-norm projections included."""
-        decay = {f"{n}.weight" for n, m in self.named_modules() if isinstance(m, nn.Linear)}
-        params = dict(self.named_parameters())
-        return [{"params": [p for n, p in params.items() if n in decay], "weight_decay": weight_decay},
-                {"params": [p for n, p in params.items() if n not in decay], "weight_decay": 0.0}]
+    def optim_groups(self, weight_decay: float) -> list[dict]:  # Linear weights decay (adaptive norms' included)
+        return decay_groups(self, weight_decay)
 
-    def random_prefix(self, batch: int, generator: torch.Generator | None = None) -> Prefix:
-        """A prefix of the upstream length (config.prefix_len) with N(0, 1) K/V, all valid (for profiling)."""
-        cfg, device = self.config, self.action_in_proj.weight.device
-        shape = (batch, cfg.n_kv_head, cfg.prefix_len, cfg.head_dim)
-        kv = [(torch.randn(shape, generator=generator).to(device), torch.randn(shape, generator=generator).to(device))
-              for _ in range(cfg.n_layer)]
-        state = torch.randn(batch, cfg.state_dim, generator=generator).to(device) if cfg.state_dim else None
-        return Prefix(kv, torch.ones(batch, cfg.prefix_len, dtype=torch.bool, device=device), state)
-
-    def _norms(self) -> list[RMSNorm]:
+    def _norms(self) -> list[RMSNorm]:  # in the order of π0.5's modulation rows
         return [n for layer in self.layers for n in (layer.attn.input_layernorm, layer.mlp.post_attention_layernorm)
                 ] + [self.norm]
 
@@ -379,38 +337,33 @@ class FlowExpert(nn.Module):
         return torch.stack([norm.dense(cond) for norm in self._norms()], dim=1)
 
     def _prefix(self, cond) -> Prefix:
+        """A Prefix, or an obs history through the stand-in prefix encoder; shapes checked against the expert."""
         cfg = self.config
-        if isinstance(cond, Prefix):
-            prefix = cond
-        elif isinstance(cond, torch.Tensor):
+        if isinstance(cond, torch.Tensor):
             if self.prefix_encoder is None:
                 raise ValueError("this flow expert has no built-in prefix encoder (obs_dim=0): pass a Prefix")
-            if cond.ndim != 3 or cond.shape[1:] != (cfg.n_obs_steps, cfg.obs_dim):
-                raise ValueError(f"obs condition must be (B, {cfg.n_obs_steps}, {cfg.obs_dim}), "
-                                 f"got {tuple(cond.shape)}")
-            prefix = self.prefix_encoder(cond)
-            prefix.state = cond[:, -1] if cfg.mode == "pi0" else None
-        else:
+            cond = self.prefix_encoder(cond)
+        if not isinstance(cond, Prefix):
             raise TypeError(f"cond must be a Prefix or an obs tensor, got {type(cond).__name__}")
-        pad = prefix.pad_mask
+        pad = cond.pad_mask
         if not isinstance(pad, torch.Tensor) or pad.dtype != torch.bool or pad.ndim != 2:
             raise ValueError("prefix pad_mask must be a bool tensor (B, Lp)")
-        if len(prefix.kv) != cfg.n_layer:
-            raise ValueError(f"prefix has K/V for {len(prefix.kv)} layers; the expert has {cfg.n_layer}")
-        want = (*pad.shape[:1], cfg.n_kv_head, pad.shape[1], cfg.head_dim)
-        for i, pair in enumerate(prefix.kv):
+        if len(cond.kv) != cfg.n_layer:
+            raise ValueError(f"prefix has K/V for {len(cond.kv)} layers; the expert has {cfg.n_layer}")
+        want = (len(pad), cfg.n_kv_head, pad.shape[1], cfg.head_dim)
+        for i, pair in enumerate(cond.kv):
             for name, z in zip(("key", "value"), pair, strict=True):
                 if tuple(z.shape) != want:
                     raise ValueError(f"prefix layer {i} {name} has shape {tuple(z.shape)}; expected (B, n_kv_head, "
                                      f"Lp, head_dim) = {want} for a pad mask of shape {tuple(pad.shape)}")
-        if cfg.mode == "pi0" and (prefix.state is None or tuple(prefix.state.shape) != (want[0], cfg.state_dim)):
-            got = None if prefix.state is None else tuple(prefix.state.shape)
+        if cfg.mode == "pi0" and (cond.state is None or tuple(cond.state.shape) != (want[0], cfg.state_dim)):
+            got = None if cond.state is None else tuple(cond.state.shape)
             raise ValueError(f"π0 needs the prefix's state (B, state_dim) = {(want[0], cfg.state_dim)}, got {got}")
-        return prefix
+        return cond
 
     def prepare(self, cond, timesteps: list[float] | None = None) -> FlowContext:
         """Everything fixed across denoising steps (once per chunk): `cond` is a Prefix (a VLM's per-layer K/V) or
-        an obs history (B, n_obs_steps, obs_dim) for the built-in prefix encoder. With `timesteps` (the sampler's
+        an obs history (B, n_obs_steps, obs_dim) for the stand-in prefix encoder. With `timesteps` (the sampler's
         t values) the per-step time features are computed too, used through `ctx.at_step(k)`."""
         cfg, H = self.config, self.config.horizon
         prefix = self._prefix(cond)
@@ -445,8 +398,8 @@ class FlowExpert(nn.Module):
         B, H, _ = x.shape
         if x.shape[1:] != (cfg.horizon, cfg.action_dim):
             raise ValueError(f"actions must be (B, {cfg.horizon}, {cfg.action_dim}), got {tuple(x.shape)}")
-        if ctx.batch_size != B:
-            raise ValueError(f"context is for batch {ctx.batch_size}, actions have batch {B}")
+        if len(ctx.mask) != B:
+            raise ValueError(f"context is for batch {len(ctx.mask)}, actions have batch {B}")
         time = ctx.step_time
         if time is None:
             t = torch.as_tensor(t, dtype=torch.float32, device=x.device).reshape(-1)
@@ -455,16 +408,15 @@ class FlowExpert(nn.Module):
             time = self._time_features(t)  # (N, C) or π0.5 (N, 2L + 1, 3C)
 
         h = self.action_in_proj(x)  # (B, H, C)
-        mods = None
+        mods = [None] * (2 * cfg.n_layer + 1)
         if cfg.mode == "pi05":
-            mods = time[:, :, None]  # (N, 2L + 1, 1, 3C)
+            mods = time[:, :, None].unbind(1)  # 2L + 1 times (N, 1, 3C)
         else:
             h = torch.cat([h, time[:, None].expand(B, H, -1)], dim=-1)  # (B, H, 2C): action first, time second
             h = self.action_time_mlp_out(F.silu(self.action_time_mlp_in(h)))  # (B, H, C)
         for i, layer in enumerate(self.layers):
             cross = layer.attn.cross
             h = h + layer.attn(h, ctx.kv[i], ctx.cross_mask if cross else ctx.mask,
-                               ctx.cross_rope if cross else ctx.rope, None if mods is None else mods[:, 2 * i])
-            h = h + layer.mlp(h, None if mods is None else mods[:, 2 * i + 1])
-        h = self.norm(h, None if mods is None else mods[:, -1])  # (B, H, C)
-        return self.action_out_proj(h)  # (B, H, Da)
+                               ctx.cross_rope if cross else ctx.rope, mods[2 * i])
+            h = h + layer.mlp(h, mods[2 * i + 1])
+        return self.action_out_proj(self.norm(h, mods[-1]))  # (B, H, C) -> (B, H, Da)
