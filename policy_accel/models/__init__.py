@@ -5,7 +5,7 @@ returning its config, a constructor taking that config, and the Denoiser seam (p
 `FAMILIES` maps the `model_type` a checkpoint names to its class.
 """
 
-from policy_accel.models.blocks import CrossAttention, FeedForward, SelfAttention
+from policy_accel.models.blocks import CrossAttention, FeedForward, SelfAttention, family_config
 from policy_accel.models.dp_transformer import ConditionCache, DPTransformer, DPTransformerConfig
 
 FAMILIES = {"dp_t": DPTransformer}
@@ -19,17 +19,6 @@ def register_family(name: str):
         return cls
 
     return decorator
-
-
-def family_config(config_cls, family_name: str, fixed: dict, arch: dict):
-    """`config_cls(**fixed, **arch)`: `fixed` holds the sizes that follow the policy's fields, `arch` the rest."""
-    clash = set(fixed) & set(arch)
-    if clash:
-        raise ValueError(f"the architecture must not set {sorted(clash)}: they follow the policy's fields")
-    try:
-        return config_cls(**fixed, **arch)
-    except TypeError as e:
-        raise ValueError(f"bad architecture field for {family_name}: {e}") from None
 
 
 def family(model_type: str):

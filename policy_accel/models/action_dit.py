@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from policy_accel.denoiser import Context
-from policy_accel.models import family_config, register_family
+from policy_accel.models import register_family
 from policy_accel.models.action_dit_io import (
     CategorySpecificLinear,
     CategorySpecificMLP,
@@ -37,7 +37,7 @@ from policy_accel.models.action_dit_io import (
     action_time_features,
     cogact_time_features,
 )
-from policy_accel.models.blocks import KV, check_positive, decay_groups
+from policy_accel.models.blocks import KV, check_positive, decay_groups, family_config
 
 MODES = ("groot_n15", "cogact")
 

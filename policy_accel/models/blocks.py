@@ -113,3 +113,14 @@ def check_positive(config, names) -> None:
         value = getattr(config, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{type(config).__name__}.{name} must be a positive int, got {value!r}")
+
+
+def family_config(config_cls, family_name: str, fixed: dict, arch: dict):
+    """`config_cls(**fixed, **arch)`: `fixed` holds the sizes that follow the policy's fields, `arch` the rest."""
+    clash = set(fixed) & set(arch)
+    if clash:
+        raise ValueError(f"the architecture must not set {sorted(clash)}: they follow the policy's fields")
+    try:
+        return config_cls(**fixed, **arch)
+    except TypeError as e:
+        raise ValueError(f"bad architecture field for {family_name}: {e}") from None

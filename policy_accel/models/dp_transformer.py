@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from policy_accel.denoiser import Context
-from policy_accel.models.blocks import KV, CrossAttention, FeedForward, SelfAttention
+from policy_accel.models.blocks import KV, CrossAttention, FeedForward, SelfAttention, decay_groups, family_config
 
 
 @dataclass
@@ -133,13 +133,7 @@ class DPTransformer(nn.Module):
         observations of `obs_dim`; `arch` holds the architecture fields (n_layer, n_emb, p_drop_attn...)."""
         fixed = dict(input_dim=action_dim, output_dim=action_dim, horizon=horizon, n_obs_steps=n_obs_steps,
                      cond_dim=obs_dim)
-        clash = set(fixed) & set(arch)
-        if clash:
-            raise ValueError(f"the architecture must not set {sorted(clash)}: they follow the policy's fields")
-        try:
-            return DPTransformerConfig(**fixed, **arch)
-        except TypeError as e:
-            raise ValueError(f"bad architecture field for dp_t: {e}") from None
+        return family_config(DPTransformerConfig, "dp_t", fixed, arch)
 
     def __init__(self, config: DPTransformerConfig):
         super().__init__()
@@ -179,12 +173,7 @@ class DPTransformer(nn.Module):
 
     def optim_groups(self, weight_decay: float) -> list[dict]:
         """AdamW groups as in Diffusion Policy: decay Linear weights only (not biases, norms, pos-embs)."""
-        decay = {f"{n}.weight" for n, m in self.named_modules() if isinstance(m, nn.Linear)}
-        params = dict(self.named_parameters())
-        return [
-            {"params": [p for n, p in params.items() if n in decay], "weight_decay": weight_decay},
-            {"params": [p for n, p in params.items() if n not in decay], "weight_decay": 0.0},
-        ]
+        return decay_groups(self, weight_decay)
 
     def _time_memory(self, t: torch.Tensor) -> torch.Tensor:
         """Time tokens after pos-emb and MLP: (N,) -> (N, 1, C)."""

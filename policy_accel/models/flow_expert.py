@@ -22,8 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from policy_accel.denoiser import Context
-from policy_accel.models import family_config, register_family
-from policy_accel.models.blocks import check_positive, decay_groups
+from policy_accel.models import register_family
+from policy_accel.models.blocks import check_positive, decay_groups, family_config
 
 MODES = ("smolvla", "pi0", "pi05")
 NEG = torch.finfo(torch.float32).min  # masked logits, as upstream (not -inf: a fully masked row stays finite)
