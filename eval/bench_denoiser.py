@@ -8,11 +8,15 @@ One process, the same observation histories (from the checkpoint's demo dataset)
 for every method. Methods are timed in interleaved rounds (each round times `repeats` chunks of every
 method) so that a slow period on a shared machine hits all of them alike. Prints per method: median
 chunk latency, speedup over uncached, FLOP ratio (counted by torch's FlopCounterMode on the chunk),
-and achieved / ideal = speedup x FLOP ratio (1.0 = the time saved matches the FLOPs saved).
+achieved / ideal = speedup x FLOP ratio (1.0 = the time saved matches the FLOPs saved), and for a static
+schedule that skips every block on some steps, the median time of such a fully cached step
+(`fully_cached_step_ms`: from the loop's `clock.at(k)` to the next step's, i.e. the step's context view,
+the denoiser call and the sampler update; stamped during the timed chunks, ~1 us per step).
 """
 
 import sys
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -72,12 +76,42 @@ def time_chunks(policy, histories, noises, count: int, offset: int = 0) -> list[
     return times
 
 
+@contextmanager
+def fully_cached_steps(policy, out: list[float]):
+    """Append to `out` the seconds of every step on which the policy's cache skips every block (its stack
+    shortcut's steps), stamped at the clock's step changes; nothing when the cache has no such step."""
+    stack = getattr(policy.cache, "stack", None)
+    if stack is None or not stack.enabled or not any(stack.skip):
+        yield
+        return
+    clock, stamp = policy.clock, []
+
+    def at(k, t):
+        now = time.perf_counter()
+        if stamp and stack.skip[stamp[0]]:
+            out.append(now - stamp[1])
+        stamp[:] = k, now
+        type(clock).at(clock, k, t)
+
+    def end_chunk():
+        at(None, None)
+        stamp.clear()
+        type(clock).end_chunk(clock)
+
+    clock.at, clock.end_chunk = at, end_chunk  # instance attributes over the class's methods
+    try:
+        yield
+    finally:
+        del clock.at, clock.end_chunk
+
+
 def time_methods(policy, methods: list, checkpoint, histories: list[np.ndarray], rounds: int, repeats: int,
-                 warmup: int, progress: bool = True) -> tuple[dict, dict]:
+                 warmup: int, progress: bool = True, cached_steps: dict | None = None) -> tuple[dict, dict]:
     """Interleaved batch-1 timing: per method spec, chunk seconds (rounds x repeats) and FLOPs per chunk.
     `histories` are (1, n_obs_steps, obs_dim); every method sees the same histories and noise. FLOPs of a
     cache that decides from the data (a `batch_coupled` hook: First Block Cache) are the mean over all
-    histories, history i with noise seed i; schedules and MagCache's calibrated ratios do not see the input."""
+    histories, history i with noise seed i; schedules and MagCache's calibrated ratios do not see the input.
+    `cached_steps`, if given, receives per method spec the seconds of its fully cached steps (see above)."""
     pc = policy.config
     gen = torch.Generator().manual_seed(0)
     noises = [torch.randn(1, pc.horizon, pc.action_dim, generator=gen) for _ in histories]
@@ -92,7 +126,10 @@ def time_methods(policy, methods: list, checkpoint, histories: list[np.ndarray],
                     data_driven = policy.cache is not None and policy.cache.batch_coupled
                     counted = histories if data_driven else histories[:1]
                     flops[m.spec] = float(np.mean([pa.chunk_flops(policy, h, seed=i) for i, h in enumerate(counted)]))
-                times[m.spec] += time_chunks(policy, histories, noises, repeats, r * repeats)
+                stamping = nullcontext() if cached_steps is None else \
+                    fully_cached_steps(policy, cached_steps.setdefault(m.spec, []))
+                with stamping:
+                    times[m.spec] += time_chunks(policy, histories, noises, repeats, r * repeats)
                 if remover:
                     remover.remove()
                 bar.update(1)
@@ -110,17 +147,21 @@ def bench(cfg: BenchConfig) -> dict:
                          f"(see the checkpoint's card.md)")
     histories = [h[None] for h in demo_observations(dataset, cfg.observations or 8, pc.n_obs_steps)]
     methods = [parse_method(m) for m in cfg.methods or CHECKPOINT_METHODS]
-    times, flops = time_methods(policy, methods, cfg.checkpoint, histories, rounds, repeats, cfg.warmup)
+    cached_steps: dict[str, list[float]] = {}
+    times, flops = time_methods(policy, methods, cfg.checkpoint, histories, rounds, repeats, cfg.warmup,
+                                cached_steps=cached_steps)
     base = "uncached" if "uncached" in times else methods[0].spec
     base_ms = 1e3 * float(np.median(times[base]))
     rows = []
     for m in methods:
-        ms = 1e3 * float(np.median(times[m.spec]))
+        ms, steps = 1e3 * float(np.median(times[m.spec])), cached_steps[m.spec]
         speedup, flop_ratio = base_ms / ms, flops[m.spec] / flops[base]
         rows.append({"method": m.name, "setting": m.spec, "latency_ms_p50": ms,
                      "latency_ms_p95": 1e3 * float(np.percentile(times[m.spec], 95)), "speedup": speedup,
                      "flops_ratio": flop_ratio, "achieved_over_ideal": speedup * flop_ratio,
-                     "chunks_timed": len(times[m.spec])})
+                     "chunks_timed": len(times[m.spec]),
+                     "fully_cached_step_ms": 1e3 * float(np.median(steps)) if steps else None,
+                     "fully_cached_steps_timed": len(steps)})
     return {"checkpoint": cfg.checkpoint, "baseline": base, "torch": torch.__version__,
             "threads": torch.get_num_threads(), "config": asdict(cfg), "results": rows}
 
@@ -144,11 +185,13 @@ def main(cfg: BenchConfig) -> dict:
     n = (cfg.rounds or 5) * (cfg.repeats or 4)
     print(f"{cfg.checkpoint}: batch 1, {result['threads']} thread(s), torch {result['torch']}; "
           f"median of {n} chunks per method, interleaved")
-    head = f"{'method':<24}{'ms/chunk':>10}{'speedup':>9}{'FLOPs':>8}{'achieved/ideal':>16}"
+    head = (f"{'method':<24}{'ms/chunk':>10}{'p95':>8}{'speedup':>9}{'FLOPs':>8}{'achieved/ideal':>16}"
+            f"{'cached step ms':>16}")
     print(head + "\n" + "-" * len(head))
     for r in result["results"]:
-        print(f"{r['setting']:<24}{r['latency_ms_p50']:>10.1f}{r['speedup']:>9.2f}{r['flops_ratio']:>8.3f}"
-              f"{r['achieved_over_ideal']:>16.2f}")
+        step = "-" if r["fully_cached_step_ms"] is None else f"{r['fully_cached_step_ms']:.3f}"
+        print(f"{r['setting']:<24}{r['latency_ms_p50']:>10.1f}{r['latency_ms_p95']:>8.1f}{r['speedup']:>9.2f}"
+              f"{r['flops_ratio']:>8.3f}{r['achieved_over_ideal']:>16.2f}{step:>16}")
     out = Path(cfg.out or f"outputs/bench_{Path(cfg.checkpoint).name}.json")
     write_json(out, result)
     print(f"wrote {out}")

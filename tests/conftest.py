@@ -68,12 +68,18 @@ class TinyGuidedDiT(nn.Module):
         return GuidedContext(self.cond(cond)[:, None], self.null)
 
     def forward(self, x, t, ctx: GuidedContext):  # x (B, T, Da), t 0-dim or (B,) -> velocity (B, T, Da)
-        B, T, _ = x.shape
-        tt = torch.as_tensor(t, dtype=x.dtype).reshape(-1, 1, 1).expand(B, T, 1)
-        h = torch.cat([ctx.token, self.inp(torch.cat([x, tt], dim=-1))], dim=1)
+        h = self._embed(x, t, ctx)
         for block in self.blocks:
             h = block(h)
         return self.out(h[:, 1:])
+
+    def skip_stack(self, x, t, ctx: GuidedContext, residual):  # the Denoiser's optional seam: a pure residual stack
+        return self.out((self._embed(x, t, ctx) + residual)[:, 1:])
+
+    def _embed(self, x, t, ctx: GuidedContext):  # (B, T, Da) -> stream (B, 1 + T, C)
+        B, T, _ = x.shape
+        tt = torch.as_tensor(t, dtype=x.dtype).reshape(-1, 1, 1).expand(B, T, 1)
+        return torch.cat([ctx.token, self.inp(torch.cat([x, tt], dim=-1))], dim=1)
 
 
 class Family:

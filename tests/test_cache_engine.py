@@ -23,7 +23,8 @@ def test_uniform_counts_and_cache_memory_bound(dit):
     stats = handle.stats()
     assert all((b.computed, b.skipped) == (2 * 3, 2 * 7) for b in stats.blocks.values())  # 2 branches x steps 0, 4, 8
     one = 3 * 6 * 16 * 4  # one (B, 1 + T, C) float32 branch output
-    assert stats.cache_bytes == 6 * 2 * one  # order 0: one tensor per block and branch
+    # order 0: one tensor per block and branch, plus the stack shortcut's summed residual per branch
+    assert stats.cache_bytes == 6 * 2 * one + 2 * one
     handle.remove()
     handle = dit.attach(pa.TaylorSeerConfig(interval=4, order=2))
     dit.chunk(cond, noise)

@@ -22,6 +22,7 @@ from policy_accel.cache.forecast import Forecaster
 from policy_accel.cache.handle import CacheHandle
 from policy_accel.cache.hooks import BlockHook, BlockInfo, find_blocks
 from policy_accel.cache.schedule import Binding, Schedule, uniform_steps
+from policy_accel.cache.stack import StackShortcut, fully_skipped_steps
 from policy_accel.cache.stats import BlockStats, CacheStats
 from policy_accel.clock import StepClock
 
@@ -213,7 +214,9 @@ def _plan_bac_taylor(cfg: BACTaylorConfig, binding, blocks) -> Plan:
 
 
 class BlockCache(CacheHandle):
-    """Our static-schedule methods: one BlockHook per wrapped block, all listening to one clock."""
+    """Our static-schedule methods: one BlockHook per wrapped block, all listening to one clock. On a
+    denoiser with the `skip_stack` seam whose every residual block is wrapped, a step that skips every
+    block skips the stack (`self.stack`, a StackShortcut; `stack.enabled = False` runs it per block)."""
 
     def __init__(self, denoiser: nn.Module, config, plan: Plan, blocks: list[BlockInfo], clock: StepClock,
                  binding: Binding):
@@ -221,10 +224,15 @@ class BlockCache(CacheHandle):
         self.plan = plan
         modules = dict(denoiser.named_modules())
         self.hooks = []
+        self.stack: StackShortcut | None = None
         try:
             for b in blocks:
                 self.hooks.append(BlockHook(modules[b.name], b, plan.schedule.mask(b.name), plan.order,
                                             plan.differences, clock, compile=config.compile))
+            # the seam promises a pure residual stack over the blocks `cache_blocks` names: all must be wrapped
+            if (hasattr(denoiser, "skip_stack") and config.blocks in (None, denoiser.cache_blocks)
+                    and any(fully_skipped_steps(self.hooks))):
+                self.stack = StackShortcut(denoiser, self.hooks, clock)
         except BaseException:
             self._detach()
             raise
@@ -233,19 +241,25 @@ class BlockCache(CacheHandle):
     def reset(self) -> None:
         for hook in self.hooks:
             hook.reset()
+        if self.stack is not None:
+            self.stack.reset()
 
     def end_chunk(self) -> None:
         if torch.compiler.is_compiling():  # a whole-chunk graph keeps its cache inside: no tensor outlives it
             self.reset()
 
     def _detach(self) -> None:
+        if self.stack is not None:
+            self.stack.remove()
         for hook in self.hooks:
             hook.remove()
 
     def stats(self) -> CacheStats:
-        """Counts since attach and the bytes the cache holds now."""
-        return CacheStats(self.tag, {h.info.name: BlockStats(h.computed, h.skipped, h.flops_per_call or 0)
-                                     for h in self.hooks}, sum(h.nbytes for h in self.hooks))
+        """Counts since attach (a skipped stack counts as a skip of every block) and the bytes held now."""
+        stack_skips = 0 if self.stack is None else self.stack.calls
+        stack_bytes = 0 if self.stack is None else self.stack.nbytes
+        return CacheStats(self.tag, {h.info.name: BlockStats(h.computed, h.skipped + stack_skips, h.flops_per_call or 0)
+                                     for h in self.hooks}, sum(h.nbytes for h in self.hooks) + stack_bytes)
 
 
 def attach(denoiser: nn.Module, config, clock: StepClock, binding: Binding, *,

@@ -209,11 +209,7 @@ class DPTransformer(nn.Module):
 
     def forward(self, sample: torch.Tensor, timestep, cond: ConditionCache) -> torch.Tensor:
         """sample (B, T, Da), timestep scalar or (B,), cond made by `prepare` -> epsilon (B, T, Da)."""
-        B, T, _ = sample.shape
-        if not isinstance(cond, ConditionCache):
-            raise TypeError(f"cond must be the ConditionCache made by prepare(), got {type(cond).__name__}")
-        if cond.batch_size != B:
-            raise ValueError(f"condition cache is for batch {cond.batch_size}, sample has batch {B}")
+        B, T = self._check(sample, cond)
         if cond.step_kv is not None:
             time_kv = cond.step_kv
         else:
@@ -224,9 +220,31 @@ class DPTransformer(nn.Module):
                 raise ValueError(f"timestep must be a scalar or shape ({B},), got {tuple(t.shape)}")
             time_kv = self._time_kv(t)  # per layer (B or 1, H, 1, hd)
 
-        x = self.drop(self.input_emb(sample) + self.pos_emb[:, :T])  # (B, T, C)
+        x = self._embed(sample)  # (B, T, C)
         causal = self.causal_mask[:T, :T] if self.causal_mask is not None else None
         mem_mask = self.memory_mask[:T] if self.memory_mask is not None else None
         for layer, obs_kv, t_kv in zip(self.decoder.layers, cond.kv, time_kv, strict=True):
             x = layer(x, [t_kv, obs_kv], causal, mem_mask)  # memory = [time token ; obs tokens]
-        return self.head(self.ln_f(x))  # (B, T, Da)
+        return self._head(x)
+
+    def skip_stack(self, sample: torch.Tensor, timestep, cond: ConditionCache, residual: torch.Tensor
+                   ) -> torch.Tensor:
+        """forward() with the decoder replaced by adding `residual` (the sum of every sub-block's branch
+        output) to the embedded actions: what a cache runs on a step on which it skips every block. The
+        time token enters only through the layers' cross-attention, so t is not needed here."""
+        self._check(sample, cond)
+        return self._head(self._embed(sample) + residual)
+
+    def _check(self, sample: torch.Tensor, cond: ConditionCache) -> tuple[int, int]:
+        B, T, _ = sample.shape
+        if not isinstance(cond, ConditionCache):
+            raise TypeError(f"cond must be the ConditionCache made by prepare(), got {type(cond).__name__}")
+        if cond.batch_size != B:
+            raise ValueError(f"condition cache is for batch {cond.batch_size}, sample has batch {B}")
+        return B, T
+
+    def _embed(self, sample: torch.Tensor) -> torch.Tensor:  # (B, T, Da) -> residual stream (B, T, C)
+        return self.drop(self.input_emb(sample) + self.pos_emb[:, :sample.shape[1]])
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:  # residual stream (B, T, C) -> epsilon (B, T, Da)
+        return self.head(self.ln_f(x))
