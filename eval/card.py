@@ -89,7 +89,8 @@ def render_in_training(checkpoint: str) -> str:
              f"An intermediate weight file (EMA weights in fp16) of a run that spans several sittings; not a "
              f"shipped policy and not benchmarked. {info['train_steps']} steps so far, {hours:.1f} h of "
              f"compute recorded. Data: `{info.get('dataset_command')}` ({info.get('n_episodes')} episodes, "
-             f"{info.get('n_windows')} windows). Next sitting: `python eval/train.py env={info['env']} "
+             f"{info.get('n_windows')} windows; env options {(info.get('env_spec') or {}).get('kwargs')}). "
+             f"Next sitting: `make train-{info['env']}`, or `python eval/train.py env={info['env']} "
              f"dataset={info.get('dataset')} init_from={checkpoint} snapshot_dir={checkpoint} ...`.", "",
              "| steps | LR schedule | precision | hours | data | started from |", "|---|---|---|---|---|---|"]
     for r in rows:
