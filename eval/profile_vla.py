@@ -37,7 +37,8 @@ import policy_accel as pa
 from policy_accel.cache import Binding
 from policy_accel.calibration import calibrate_denoiser
 from policy_accel.models.action_dit import ActionDiT, ActionDiTConfig
-from policy_accel.models.flow_expert import FlowExpert, FlowExpertConfig, Layer, rope_table
+from policy_accel.models.flow_expert import FlowExpert, FlowExpertConfig, Layer
+from policy_accel.models.flow_expert_io import rope_table
 from policy_accel.models.stand_ins import random_prefix
 from policy_accel.recipes import BUBBLE_BLOCKS, parse_method
 from policy_accel.sampling import build_sampler

@@ -17,7 +17,8 @@ import torch
 from safetensors.torch import load_file
 
 import policy_accel as pa
-from policy_accel.models.flow_expert import FlowExpert, FlowExpertConfig, Prefix, rope_table, time_embedding
+from policy_accel.models.flow_expert import FlowExpert, FlowExpertConfig, Prefix
+from policy_accel.models.flow_expert_io import rope_table, time_embedding
 from policy_accel.models.flow_expert_weights import (
     load_lerobot_expert,
     load_smolvla_expert,

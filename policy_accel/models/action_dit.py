@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from policy_accel.denoiser import Context
 from policy_accel.models import register_family
 from policy_accel.models.action_dit_io import (
+    AdaLayerNorm,
     CategorySpecificLinear,
     CategorySpecificMLP,
     LabelEmbedder,
@@ -36,6 +37,7 @@ from policy_accel.models.action_dit_io import (
     TimestepEncoder,
     action_time_features,
     cogact_time_features,
+    modulate,
 )
 from policy_accel.models.blocks import KV, check_positive, decay_groups, family_config
 
@@ -128,23 +130,6 @@ def _heads(z: torch.Tensor, h: int) -> torch.Tensor:  # (B, S, h*d) -> (B, h, S,
     return z.view(z.shape[0], z.shape[1], h, -1).transpose(1, 2)
 
 
-def _modulate(x, shift, scale):  # x (B, T, C); shift, scale (B|1, C)
-    return x * (1 + scale[:, None]) + shift[:, None]
-
-
-class AdaLayerNorm(nn.Module):
-    """GR00T's norm1: LayerNorm (no affine) * (1 + scale) + shift, (scale, shift) = linear(SiLU(temb))."""
-
-    def __init__(self, dim: int, eps: float = 1e-5):
-        super().__init__()
-        self.linear = nn.Linear(dim, 2 * dim)
-        self.norm = nn.LayerNorm(dim, eps, elementwise_affine=False)
-
-    def forward(self, x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:  # mod = linear(SiLU(temb)) (B|1, 2C)
-        scale, shift = mod.chunk(2, dim=-1)
-        return _modulate(self.norm(x), shift, scale)
-
-
 class Attention(nn.Module):
     """Residual branch: norm1 -> multi-head attention (self, or cross to memory) -> to_out [-> gate].
     norm: "ada" (GR00T AdaLayerNorm), "affine" / "plain" (LayerNorm with / without affine), "zero"
@@ -166,7 +151,7 @@ class Attention(nn.Module):
     def forward(self, x, mod=None, memory=None):  # x (B, T, C); memory: VL tokens (B, S, D) or their KV
         if self.style == "zero":
             shift, scale, gate = mod.chunk(3, dim=-1)
-            h = _modulate(self.norm1(x), shift, scale)
+            h = modulate(self.norm1(x), shift, scale)
         else:
             h = self.norm1(x, mod) if self.style == "ada" else self.norm1(x)
         q = _heads(self.to_q(h), self.heads)  # (B, H, T, hd)
@@ -190,7 +175,7 @@ class FeedForward(nn.Module):
         if self.style != "zero":
             return self.net(self.norm3(x))
         shift, scale, gate = mod.chunk(3, dim=-1)
-        return gate[:, None] * self.net(_modulate(self.norm3(x), shift, scale))
+        return gate[:, None] * self.net(modulate(self.norm3(x), shift, scale))
 
 
 class Block(nn.Module):
@@ -412,7 +397,7 @@ class ActionDiT(nn.Module):
             for block, (mod, _), kv in zip(self.transformer_blocks, step.mods, ctx.memory, strict=True):
                 h = block(h, mod, None, kv)
             shift, scale = step.out.chunk(2, dim=-1)
-            h = self.proj_out_2(_modulate(self.norm_out(h), shift, scale))[:, -T:]  # (B, T, hidden)
+            h = self.proj_out_2(modulate(self.norm_out(h), shift, scale))[:, -T:]  # (B, T, hidden)
             return -self.action_decoder(h, ctx.selected)  # -v_g = noise - x0
         x = self.x_embedder.linear(sample)  # (B, T, C)
         if self.config.adaln_zero:
@@ -420,7 +405,7 @@ class ActionDiT(nn.Module):
             for block, (am, fm) in zip(self.transformer_blocks, step.mods, strict=True):
                 h = block(h, am, fm)
             shift, scale = step.out.chunk(2, dim=-1)
-            return self.final_layer.linear(_modulate(self.final_layer.norm_final(h), shift, scale))
+            return self.final_layer.linear(modulate(self.final_layer.norm_final(h), shift, scale))
         h = torch.cat([step.temb[:, None] + ctx.prefix, x], dim=1) + self.positional_embedding  # (B, 1+T, C)
         for block in self.transformer_blocks:
             h = block(h)

@@ -1,6 +1,6 @@
 """The action DiTs' input and output embedders, as upstream names them: GR00T N1.5's per-embodiment state and
 action encoders and action decoder, its timestep encoder and action time features; CogACT's condition
-embedder (with its learned null condition) and time features. Used by models/action_dit.py.
+embedder (with its learned null condition) and time features; GR00T's AdaLayerNorm. Used by models/action_dit.py.
 """
 
 import math
@@ -84,3 +84,20 @@ class LabelEmbedder(nn.Module):  # CogACT's z_embedder: Linear over the conditio
         super().__init__()
         self.linear = nn.Linear(d_in, width)
         self.uncondition = nn.Parameter(0.02 * torch.randn(1, d_in))
+
+
+def modulate(x, shift, scale):  # x (B, T, C); shift, scale (B|1, C)
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class AdaLayerNorm(nn.Module):
+    """GR00T's norm1: LayerNorm (no affine) * (1 + scale) + shift, (scale, shift) = linear(SiLU(temb))."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.linear = nn.Linear(dim, 2 * dim)
+        self.norm = nn.LayerNorm(dim, eps, elementwise_affine=False)
+
+    def forward(self, x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:  # mod = linear(SiLU(temb)) (B|1, 2C)
+        scale, shift = mod.chunk(2, dim=-1)
+        return modulate(self.norm(x), shift, scale)

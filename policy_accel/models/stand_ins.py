@@ -13,7 +13,8 @@ and, for profiling at real size with random weights, a prefix / condition of the
 import torch
 import torch.nn as nn
 
-from policy_accel.models.flow_expert import FlowExpertConfig, Layer, Prefix, collect_kv, rope_table
+from policy_accel.models.flow_expert import FlowExpertConfig, Layer, Prefix, collect_kv
+from policy_accel.models.flow_expert_io import rope_table
 
 
 def random_prefix(cfg: FlowExpertConfig, batch: int, generator: torch.Generator | None = None,
