@@ -124,3 +124,13 @@ def family_config(config_cls, family_name: str, fixed: dict, arch: dict):
         return config_cls(**fixed, **arch)
     except TypeError as e:
         raise ValueError(f"bad architecture field for {family_name}: {e}") from None
+
+
+def init_linear(module: nn.Module) -> bool:
+    """GPT-style init of an nn.Linear (weights N(0, 0.02), zero bias); False for any other module."""
+    if not isinstance(module, nn.Linear):
+        return False
+    nn.init.normal_(module.weight, std=0.02)
+    if module.bias is not None:
+        nn.init.zeros_(module.bias)
+    return True

@@ -22,7 +22,15 @@ import torch
 import torch.nn as nn
 
 from policy_accel.denoiser import Context
-from policy_accel.models.blocks import KV, CrossAttention, FeedForward, SelfAttention, decay_groups, family_config
+from policy_accel.models.blocks import (
+    KV,
+    CrossAttention,
+    FeedForward,
+    SelfAttention,
+    decay_groups,
+    family_config,
+    init_linear,
+)
 
 
 @dataclass
@@ -163,11 +171,7 @@ class DPTransformer(nn.Module):
 
     @staticmethod
     def _init_weights(module):
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.LayerNorm):
+        if not init_linear(module) and isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
 

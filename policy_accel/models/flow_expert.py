@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from policy_accel.denoiser import Context
 from policy_accel.models import register_family
-from policy_accel.models.blocks import check_positive, decay_groups, family_config
+from policy_accel.models.blocks import check_positive, decay_groups, family_config, init_linear
 from policy_accel.models.flow_expert_io import additive, rope_table, rotate, time_embedding
 
 MODES = ("smolvla", "pi0", "pi05")
@@ -287,11 +287,8 @@ class FlowExpert(nn.Module):
 
     @staticmethod
     def _init_weights(module):
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, RMSNorm) and module.style == "ada":  # upstream: zero weight, default bias
+        # adaptive norms as upstream: zero weight, default bias
+        if not init_linear(module) and isinstance(module, RMSNorm) and module.style == "ada":
             nn.init.zeros_(module.dense.weight)
             bound = 1 / math.sqrt(module.dense.in_features)
             nn.init.uniform_(module.dense.bias, -bound, bound)
