@@ -162,10 +162,11 @@ def schedule_lines(folder: Path) -> list[str]:
              "observations for the forecast criterion).", "",
              "| file | sampler | budget S | bubbling union blocks | criterion | block-steps computed | stability |",
              "|---|---|---|---|---|---|---|"]
-    schedules.sort(key=lambda x: (-x[0].num_steps, x[0].sampler, x[0].budget, x[0].bubble_blocks, x[1]))
+    schedules.sort(key=lambda x: (-x[0].num_steps, x[0].sampler, x[0].budget or 0, x[0].bubble_blocks, x[1]))
     for s, name in schedules:
         criterion = s.calibration.get("criterion", "reuse (cosine)")
-        lines.append(f"| `schedules/{name}` | {s.sampler.upper()}-{s.num_steps} | {s.budget} | "
+        budget = s.budget if s.budget is not None else "pooled"
+        lines.append(f"| `schedules/{name}` | {s.sampler.upper()}-{s.num_steps} | {budget} | "
                      f"{s.bubble_blocks} | {criterion} | {s.computed_fraction():.1%} | "
                      f"{s.calibration['mean_jaccard_to_aggregate']:.2f} |")
     lines += ["", f"Calibration data: {s.calibration['description']}."]

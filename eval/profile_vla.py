@@ -169,11 +169,12 @@ def settings(subject: Subject, specs: list[str], calib_chunks: int, notes: list[
             out.append(Setting(spec, native, m.recipe.build(m.params, None, False)))
             continue
         bubble, order = 0 if m.params["nb"] else BUBBLE_BLOCKS, 1 if m.params["f"] else 0
-        key = (m.params["budget"], bubble, order)
+        key = (m.params["budget"], bubble, order, m.params["calls"])
         if key not in schedules:
             schedules[key] = calibrate(subject, *key, calib_chunks)
         sched = schedules[key]
-        how = (f"calibrated on {calib_chunks} random condition(s), budget {key[0]}, bubbling union over {bubble} "
+        size = f"budget {key[0]}" if key[3] is None else f"pooled budget {key[3]:g} calls"
+        how = (f"calibrated on {calib_chunks} random condition(s), {size}, bubbling union over {bubble} "
                f"blocks, {'order-1 forecast' if order else 'reuse'} criterion; computes "
                f"{sched.computed_fraction():.0%} of block-steps")
         out.append(Setting(spec, native, m.recipe.build(m.params, sched, False), how))
@@ -183,7 +184,8 @@ def settings(subject: Subject, specs: list[str], calib_chunks: int, notes: list[
     return out
 
 
-def calibrate(subject: Subject, budget: int, bubble_blocks: int, forecast_order: int, chunks: int) -> pa.Schedule:
+def calibrate(subject: Subject, budget: int | None, bubble_blocks: int, forecast_order: int, calls: float | None,
+              chunks: int) -> pa.Schedule:
     clock, sampler = pa.StepClock(), subject.sampler
     gen = torch.Generator().manual_seed(1234)
     runs = [(subject.conds[i % len(subject.conds)], torch.randn(1, *subject.action_shape, generator=gen))
@@ -195,7 +197,7 @@ def calibrate(subject: Subject, budget: int, bubble_blocks: int, forecast_order:
 
     with torch.no_grad():
         return calibrate_denoiser(subject.denoiser, clock, subject.binding(sampler), [run(c, n) for c, n in runs],
-                                  budget, bubble_blocks, forecast_order=forecast_order,
+                                  budget, bubble_blocks, forecast_order=forecast_order, calls=calls,
                                   description=f"{chunks} random condition(s), random weights")
 
 

@@ -3,6 +3,11 @@
     python eval/report.py                      # one PNG per task: eval/results/pareto_<task>.png
     python eval/report.py table=true           # also print the headline rows, the frontier comparison and
                                                # every setting per task
+    python eval/report.py summary=eval/results/low_latency/summary.jsonl out_dir=eval/results/low_latency
+
+Beside each pareto_<task>.png, calls_<task>.png puts success against full-call equivalents per chunk
+(the denoiser's FLOPs over one full call's; DDIM-K is K) and, when <out_dir>/delay/<task>_delay*ms.json
+exist (eval/rollout.py async_loop=true inference_delay_ms=...), success against injected delay.
 
 Each point is one (policy, method setting): success rate with its 95% Wilson CI against batch-1 chunk
 latency (log scale). Plain step reduction (uncached DDPM-100 and DDIM-K) is drawn as a line: the
@@ -110,6 +115,80 @@ def plot_task(summary, task: str, out_dir) -> Path:
     return out
 
 
+def full_calls(rows: list[dict]) -> dict[str, float]:
+    """Per setting, the denoiser's FLOPs per chunk in full-call equivalents: DDIM-K's FLOPs over K is one call."""
+    ref = min((r for r in rows if r["method"] == "ddim"), key=lambda r: int(r["setting"][4:]), default=None)
+    if ref is None:
+        raise ValueError("full-call equivalents need a DDIM-K row (ddim1, ddim2, ...) in the same run")
+    per_call = ref["flops_per_chunk"] / int(ref["setting"][4:])
+    return {r["setting"]: r["flops_per_chunk"] / per_call for r in rows}
+
+
+def delay_results(out_dir, task: str) -> dict[str, list[tuple[float, dict]]]:
+    """Per setting, (injected delay ms, result row) from <out_dir>/delay/<task>_delay*ms.json, by delay."""
+    out: dict[str, list] = {}
+    for path in sorted(Path(out_dir).glob(f"delay/{task}_delay*ms.json")):
+        run = json.loads(path.read_text())
+        for r in run["results"]:
+            out.setdefault(r["setting"], []).append((run["config"]["inference_delay_ms"], r))
+    return {k: sorted(v, key=lambda x: x[0]) for k, v in out.items()}
+
+
+def plot_calls(summary, task: str, out_dir) -> Path:
+    """Success against full-call equivalents per chunk (and against injected delay when measured)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in load_rows(summary) if r["task"] == task]
+    calls, delays = full_calls(rows), delay_results(out_dir, task)
+    fig, axes = plt.subplots(1, 2 if delays else 1, figsize=(15 if delays else 9, 6.5), squeeze=False)
+    ax = axes[0][0]
+    line = sorted((r for r in rows if r["method"] == "ddim"), key=lambda r: calls[r["setting"]])
+    ax.plot([calls[r["setting"]] for r in line], [r["success_rate"] for r in line], "-", color="black", alpha=0.6,
+            label="DDIM-K (K full calls)")
+    seen = set()
+    for r in rows:
+        if r["setting"] == "uncached":
+            continue
+        colour, marker = FAMILY_STYLE.get(r["method"].removeprefix("compile+"), ("tab:brown", "X"))
+        y = r["success_rate"]
+        ax.errorbar(calls[r["setting"]], y, yerr=[[max(0.0, y - r["ci_low"])], [max(0.0, r["ci_high"] - y)]],
+                    fmt=marker, color=colour, alpha=0.8, capsize=2, zorder=2,
+                    label=None if r["method"] in seen else r["method"])
+        seen.add(r["method"])
+        ax.annotate(r["setting"], (calls[r["setting"]], y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    base = next((r for r in rows if r["setting"] == "uncached"), None)
+    if base:
+        ax.axhspan(base["ci_low"], base["ci_high"], color="grey", alpha=0.15, label="uncached 95% CI")
+    ax.set_xscale("log")
+    ax.set_xlabel("full-call equivalents per chunk (denoiser FLOPs / one call's, log scale)")
+    ax.set_ylabel("success rate (95% Wilson CI)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="lower right")
+    if delays:
+        ax = axes[0][1]
+        for setting, points in delays.items():
+            xs = [d for d, _ in points]
+            ys = [r["success_rate"] for _, r in points]
+            lo = [y - r["ci_low"] for y, (_, r) in zip(ys, points, strict=True)]
+            hi = [r["ci_high"] - y for y, (_, r) in zip(ys, points, strict=True)]
+            ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=2, label=setting)
+        ax.set_xlabel("injected inference delay (ms; the robot keeps executing the previous chunk)")
+        ax.set_ylabel("success rate")
+        ax.set_title("asynchronous control loop at 20 Hz", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    n = max(r["n_episodes"] for r in rows)
+    fig.suptitle(f"{task}: success vs denoiser cost ({rows[0]['policy']}, {n} episodes per point)")
+    out = Path(out_dir) / f"calls_{task}.png"
+    fig.tight_layout()
+    fig.savefig(out, dpi=130)
+    plt.close(fig)
+    return out
+
+
 def headline_table(rows: list[dict]) -> str:
     """Per task: uncached, then per family its fastest setting whose success is inside the uncached CI
     (or, when none is, its most successful one)."""
@@ -177,6 +256,8 @@ def main(cfg: ReportConfig) -> None:
     rows = load_rows(cfg.summary)
     for task in sorted({r["task"] for r in rows}):
         print(f"wrote {plot_task(cfg.summary, task, cfg.out_dir)}")
+        if any(r["task"] == task and r["method"] == "ddim" for r in rows):
+            print(f"wrote {plot_calls(cfg.summary, task, cfg.out_dir)}")
     if cfg.table:
         print(headline_table(rows))
         print()

@@ -62,6 +62,7 @@ class RolloutConfig:
     async_loop: bool = False  # inference in a background thread while the env keeps stepping (eval/async_loop.py)
     control_hz: float = 20.0  # the async loop's control rate (robosuite tasks run at 20 Hz)
     inference_delay_ms: float | None = None  # async loop: a fixed injected delay instead of the real one
+    latency: bool = True  # false: success only, no batch-1 timing (e.g. beside other work, or an injected delay)
 
     def __post_init__(self):
         for name in ("episodes", "num_envs", "latency_rounds", "latency_repeats", "num_threads"):
@@ -230,12 +231,13 @@ def evaluate(cfg: RolloutConfig) -> dict:
         r = rows[-1]
         print(f"{spec['name']} {m.spec}: {r['successes']}/{r['n_episodes']} in {r['success_wall_s']:.0f} s", flush=True)
     venv.close()
-    histories = pick_histories(recorded, cfg.latency_rounds * cfg.latency_repeats)
-    latency = latency_fields(policy, methods, cfg.checkpoint, histories, cfg.latency_rounds, cfg.latency_repeats,
-                             cfg.latency_warmup, cfg.progress)
-    for row in rows:
-        row.update(latency[row["setting"]])
-    add_ratios(rows)
+    if cfg.latency:
+        histories = pick_histories(recorded, cfg.latency_rounds * cfg.latency_repeats)
+        latency = latency_fields(policy, methods, cfg.checkpoint, histories, cfg.latency_rounds,
+                                 cfg.latency_repeats, cfg.latency_warmup, cfg.progress)
+        for row in rows:
+            row.update(latency[row["setting"]])
+        add_ratios(rows)
     return {"checkpoint": cfg.checkpoint, "checkpoint_hash": policy.checkpoint_hash, "task": spec["name"],
             "seeds": [seeds[0], seeds[-1]], "machine": machine(), "config": asdict(cfg), "results": rows}
 
@@ -243,6 +245,10 @@ def evaluate(cfg: RolloutConfig) -> dict:
 def format_table(rows: list[dict]) -> str:
     def ratio(x):
         return "-" if x is None else f"{x:.2f}"
+
+    if any("latency_ms_p50" not in r for r in rows):  # latency=false: success only
+        return "\n".join(f"{r['setting']:<22}{r['successes']:>6}/{r['n_episodes']:<3}{r['success_rate']:>6.0%}"
+                         f"  [{r['ci_low']:.2f}, {r['ci_high']:.2f}]" for r in rows)
 
     head = (f"{'method':<22}{'success':>10}{'rate':>6}{'95% CI':>14}{'p50 ms':>9}{'p95':>8}{'p99':>8}{'max':>8}"
             f"{'ctrl Hz':>9}{'speedup':>9}{'FLOPs':>7}")
@@ -260,11 +266,13 @@ def format_table(rows: list[dict]) -> str:
 def main(cfg: RolloutConfig) -> dict:
     summary = evaluate(cfg)
     tag = (f"_{cfg.method}" if cfg.method else "") + ("_async" if cfg.async_loop else "")
+    tag += f"_delay{cfg.inference_delay_ms:g}ms" if cfg.inference_delay_ms is not None else ""
     out = Path(cfg.out or f"outputs/rollout_{summary['task']}{tag}.json")
     write_json(out, summary)
     m = summary["machine"]
+    timing = f"latency at batch 1 on {m['cpu']}" if cfg.latency else "success only (latency=false)"
     print(f"{summary['task']}: {cfg.checkpoint}, seeds {summary['seeds'][0]}..{summary['seeds'][1]}, "
-          f"latency at batch 1 on {m['cpu']} ({m['threads']} thread(s), torch {m['torch']})")
+          f"{timing} ({m['threads']} thread(s), torch {m['torch']})")
     print(format_table(summary["results"]))
     print(f"wrote {out}")
     return summary

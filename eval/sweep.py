@@ -259,9 +259,12 @@ def main(cfg: SweepConfig) -> list[dict]:
             "config": asdict(cfg), "results": rows})
         print(f"wrote {cfg.out}")
     if cfg.plot:
-        from eval.report import plot_task
+        from eval.report import plot_calls, plot_task
 
-        print(f"wrote {plot_task(Path(cfg.results_dir) / 'summary.jsonl', rows[0]['task'], cfg.results_dir)}")
+        summary = Path(cfg.results_dir) / "summary.jsonl"
+        print(f"wrote {plot_task(summary, rows[0]['task'], cfg.results_dir)}")
+        if any(r["method"] == "ddim" for r in rows):
+            print(f"wrote {plot_calls(summary, rows[0]['task'], cfg.results_dir)}")
     return rows
 
 

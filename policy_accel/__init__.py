@@ -13,6 +13,7 @@ from policy_accel.cache import (  # noqa: E402
     BACConfig,
     BACTaylorConfig,
     Binding,
+    CarryConfig,
     DiffusersFBCConfig,
     DiffusersMagCacheConfig,
     DiffusersTaylorSeerConfig,
@@ -33,8 +34,8 @@ from policy_accel.policy import Policy, PolicyConfig, load_policy  # noqa: E402
 from policy_accel.sampling import Guidance, SamplerConfig, sample  # noqa: E402
 
 __all__ = [
-    "AsyncPolicy", "BACConfig", "BACTaylorConfig", "Binding", "ConditionCache", "Context", "DPTransformer",
-    "DPTransformerConfig",
+    "AsyncPolicy", "BACConfig", "BACTaylorConfig", "Binding", "CarryConfig", "ConditionCache", "Context",
+    "DPTransformer", "DPTransformerConfig",
     "Denoiser", "DiffusersFBCConfig", "DiffusersMagCacheConfig", "DiffusersTaylorSeerConfig", "EveryStepConfig",
     "Guidance", "Policy", "PolicyConfig", "SamplerConfig", "Schedule", "StepClock", "TaylorSeerConfig",
     "UniformConfig", "accelerate", "attach", "cache_stats", "calibrate", "chunk_flops", "config_from_dict",

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from policy_accel.cache import BACConfig, CacheHandle, attach
+from policy_accel.cache import BACConfig, CacheHandle, CarryConfig, attach
 from policy_accel.cache.stats import CacheStats
 from policy_accel.recipes import parse_method
 
@@ -49,6 +49,8 @@ def accelerate(policy, config, *, allow_unbound: bool = False, checkpoint_dir=No
                              bubble_blocks=config.bubble_blocks, blocks=config.blocks)
         config = dataclasses.replace(config, schedule=schedule, budget=None, observations=None)
     policy.cache = attach(policy.model, config, policy.clock, policy.binding(), allow_unbound=allow_unbound)
+    policy.episode_noise = isinstance(config, CarryConfig) and config.episode_noise
+    policy._episode_noise = None  # a draw from before must not be reused
     return policy.cache
 
 
@@ -58,7 +60,7 @@ def _accelerate_recipe(policy, method, checkpoint_dir, allow_unbound) -> CacheHa
         raise ValueError(f"method {method.spec!r} reads a calibrated file from the policy's checkpoint, but this "
                          "policy was not loaded from one: pass checkpoint_dir=")
     native = policy.config.sampler
-    config = method.config(checkpoint_dir, native)
+    config = method.config(checkpoint_dir, native, policy.checkpoint_hash)
     if method.compiled and config is None and policy.compiled_model is not None:
         raise RuntimeError("the policy is compiled already: call policy.compile(False) first")
     before = policy.sampler
@@ -91,6 +93,7 @@ def remove_acceleration(policy) -> None:
     if policy.cache is not None:
         policy.cache.remove()
         policy.cache = None
+    policy.episode_noise, policy._episode_noise = False, None
     if policy.recipe is not None:
         if policy.recipe.compiled:
             policy.compile(False)
@@ -107,15 +110,18 @@ def cache_stats(policy) -> CacheStats:
     return policy.cache.stats()
 
 
-def chunk_flops(policy, obs: np.ndarray, seed: int = 0) -> int:
-    """FLOPs of one `predict_action_chunk(obs)` as the policy is now (skipped blocks cost nothing).
+def chunk_flops(policy, obs: np.ndarray, seed: int = 0) -> float:
+    """FLOPs of one `predict_action_chunk(obs)` as the policy is now (skipped blocks cost nothing); with
+    cross-chunk reuse the mean over one cycle of consecutive chunks from a new episode.
     The noise comes from `seed`, since what a data-driven cache (First Block Cache) skips depends on
     it; the policy's generator is left as it was."""
     state = policy.generator.get_state()
     policy.generator.manual_seed(seed)
     policy.reset()
+    chunks = getattr(policy.cache, "chunks_per_cycle", 1)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        policy.predict_action_chunk(obs)
+        for _ in range(chunks):
+            policy.predict_action_chunk(obs)
     policy.reset()
     policy.generator.set_state(state)
-    return int(counter.get_total_flops())
+    return counter.get_total_flops() / chunks

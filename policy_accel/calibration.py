@@ -10,10 +10,13 @@ CLI (observations from the checkpoint's demo dataset; one profile, one schedule 
     python eval/calibrate.py checkpoint=... 'budget=[5,10,20]' 'bubble_blocks=[0,5]' sampler=ddim steps=20
     python eval/calibrate.py checkpoint=... budget=10 forecast_order=1   # for BAC+Taylor order 1
     python eval/calibrate.py checkpoint=... magcache=true   # diffusers' MagCache ratios instead
+    python eval/calibrate.py checkpoint=... calls=1.5 bubble_blocks=0 sampler=ddim steps=10   # pooled budget
 
 forecast_order=0 (default) is BAC's criterion: choose the steps that minimise the reuse error (cosine).
 forecast_order=1 chooses them against the error of the linear forecast that BAC+Taylor order 1 makes
 in the gaps (schedule.forecast_acs_steps).
+calls=E instead of budget: one budget of E full-call equivalents (E x the number of blocks block-steps)
+shared by all blocks, placed where the squared reuse error is least (schedule.pooled_acs_steps).
 """
 
 from collections.abc import Callable, Iterable
@@ -28,9 +31,17 @@ from tqdm import tqdm
 from policy_accel.cache.handle import CacheHandle
 from policy_accel.cache.hooks import BlockInfo, find_blocks
 from policy_accel.cache.peers import MagCalibration, MagRatios, mag_ratios_name
-from policy_accel.cache.schedule import Binding, Schedule, acs_steps, bubbling_union, forecast_acs_steps
+from policy_accel.cache.schedule import (
+    Binding,
+    Schedule,
+    acs_steps,
+    bubbling_union,
+    forecast_acs_steps,
+    pooled_acs_steps,
+    reuse_errors,
+)
 from policy_accel.clock import COND, ClockListener
-from policy_accel.recipes import schedule_name
+from policy_accel.recipes import pooled_schedule_name, schedule_name
 
 
 @dataclass
@@ -161,37 +172,39 @@ def _jaccard(a: list[int], b: list[int]) -> float:
     return len(set(a) & set(b)) / len(set(a) | set(b))
 
 
-def calibrate(policy, observations: list, budget: int, bubble_blocks: int = 5, blocks: str | None = None,
-              batch_size: int = 8, description: str = "", forecast_order: int = 0, seed: int = 0) -> Schedule:
+def calibrate(policy, observations: list, budget: int | None = None, bubble_blocks: int = 5, blocks: str | None = None,
+              batch_size: int = 8, description: str = "", forecast_order: int = 0, seed: int = 0,
+              calls: float | None = None) -> Schedule:
     """BAC schedule for `policy`: ACS per block on the mean similarity (forecast_order=0) or on the
-    order-1 forecast error (forecast_order=1), then the Bubbling Union.
+    order-1 forecast error (forecast_order=1), or on one pooled budget of `calls` full-call
+    equivalents (squared reuse error), then the Bubbling Union.
 
     The schedule records how stable each block's chosen steps are across observations
     (mean Jaccard index between the per-observation ACS steps and the aggregate ones).
     """
-    infos = _check_uncached(policy, blocks, [budget], forecast_order)
+    infos = _check_uncached(policy, blocks, [] if budget is None else [budget], forecast_order)
     profile = profile_blocks(policy, observations, infos, batch_size, seed)
     return schedule_from_profile(policy.binding(), profile, infos, budget, bubble_blocks, description,
-                                 forecast_order)
+                                 forecast_order, calls)
 
 
 def calibrate_denoiser(denoiser: torch.nn.Module, clock, binding: Binding, chunks: Iterable[Callable[[], object]],
-                       budget: int, bubble_blocks: int = 5, blocks: str | None = None, description: str = "",
-                       forecast_order: int = 0) -> Schedule:
+                       budget: int | None, bubble_blocks: int = 5, blocks: str | None = None, description: str = "",
+                       forecast_order: int = 0, calls: float | None = None) -> Schedule:
     """`calibrate` for a bare denoiser (no Policy): each of `chunks` runs one uncached sampling pass of
     `denoiser` on `clock` with the sampler of `binding`, e.g.
     `lambda: pa.sample(denoiser, denoiser.prepare(cond, ts), noise, sampler, clock=clock)`."""
     _check_forecast_order(forecast_order)
     if any(isinstance(x, CacheHandle) for x in clock.listeners):
         raise RuntimeError("calibrate an uncached denoiser: remove the cache attached to this clock first")
-    if not 1 <= budget <= binding.num_steps:
+    if budget is not None and not 1 <= budget <= binding.num_steps:
         raise ValueError(f"budget must be in [1, {binding.num_steps}] for a {binding.num_steps}-step sampler, "
                          f"got {budget}")
     infos = find_blocks(denoiser, blocks)
     profile = profile_chunks(denoiser, clock, infos, chunks, progress=False)
     if len(profile.timesteps) != binding.num_steps:
         raise ValueError(f"the chunks ran {len(profile.timesteps)} steps; the binding is for {binding.num_steps}")
-    return schedule_from_profile(binding, profile, infos, budget, bubble_blocks, description, forecast_order)
+    return schedule_from_profile(binding, profile, infos, budget, bubble_blocks, description, forecast_order, calls)
 
 
 def _check_uncached(policy, blocks: str | None, budgets: list[int], forecast_order: int = 0) -> list[BlockInfo]:
@@ -205,24 +218,40 @@ def _check_uncached(policy, blocks: str | None, budgets: list[int], forecast_ord
     return find_blocks(policy.model, blocks)
 
 
-def schedule_from_profile(binding: Binding, profile: BlockProfile, infos: list[BlockInfo], budget: int,
-                          bubble_blocks: int, description: str = "", forecast_order: int = 0) -> Schedule:
+def schedule_from_profile(binding: Binding, profile: BlockProfile, infos: list[BlockInfo], budget: int | None,
+                          bubble_blocks: int, description: str = "", forecast_order: int = 0,
+                          calls: float | None = None) -> Schedule:
+    """ACS per block with `budget` steps each, or (calls=E) ACS on a pooled budget of E full-call
+    equivalents, then the Bubbling Union."""
     _check_forecast_order(forecast_order)
-    if forecast_order == 0:  # BAC: the statistic is the cosine similarity matrix
+    if (budget is None) == (calls is None):
+        raise ValueError(f"give exactly one of budget (per block) and calls (pooled), got {budget} and {calls}")
+    if calls is not None:
+        if forecast_order != 0:
+            raise ValueError("a pooled budget (calls=) uses the reuse error; forecast_order must be 0")
+        total = round(calls * len(infos))
+        acs = pooled_acs_steps({b.name: profile.gram[b.name] for b in infos}, total)
+        stat, samples = profile.gram, profile.per_sample_gram
+
+        def choose(gram, name):  # the block's share of the pooled budget, on one observation
+            return acs_steps(-reuse_errors(gram), len(acs[name]))
+    elif forecast_order == 0:  # BAC: the statistic is the cosine similarity matrix
         stat, samples = profile.similarity, profile.per_sample_similarity
 
-        def choose(similarity):
+        def choose(similarity, name):
             return acs_steps(similarity, budget)
     else:  # the statistic is the Gram matrix, from which forecast errors follow
         stat, samples = profile.gram, profile.per_sample_gram
 
-        def choose(gram):
+        def choose(gram, name):
             return forecast_acs_steps(gram, profile.timesteps, budget)
 
-    acs = {b.name: choose(stat[b.name]) for b in infos}
+    if calls is None:
+        acs = {b.name: choose(stat[b.name], b.name) for b in infos}
     steps = bubbling_union(acs, profile.volatility, {b.name: b.layer for b in infos},
                            {b.name for b in infos if b.is_ffn}, bubble_blocks)
-    stability = {name: float(np.mean([_jaccard(choose(x), acs[name]) for x in xs])) for name, xs in samples.items()}
+    stability = {name: float(np.mean([_jaccard(choose(x, name), acs[name]) for x in xs]))
+                 for name, xs in samples.items()}
     from policy_accel import __version__
 
     return Schedule(
@@ -236,7 +265,8 @@ def schedule_from_profile(binding: Binding, profile: BlockProfile, infos: list[B
         calibration={
             "description": description,
             "n_observations": profile.n_observations,
-            "criterion": "reuse (cosine)" if forecast_order == 0 else "order-1 forecast error",
+            "criterion": ("order-1 forecast error" if forecast_order else
+                          f"squared reuse error, pooled budget of {calls:g} full calls" if calls else "reuse (cosine)"),
             "mean_jaccard_to_aggregate": float(np.mean(list(stability.values()))),
             "jaccard_per_block": stability,
             "volatility": profile.volatility,
@@ -278,7 +308,8 @@ def demo_observations(dataset, n: int, n_obs_steps: int, seed: int = 0) -> list[
 @dataclass
 class CalibrateConfig:
     checkpoint: str | None = None  # required
-    budget: Any = 10  # an int or a list: one schedule per (budget, bubble_blocks)
+    budget: Any = None  # an int or a list: one schedule per (budget, bubble_blocks); default 10 unless calls
+    calls: Any = None  # instead of budget: pooled budgets in full-call equivalents (a float or a list)
     bubble_blocks: Any = 5
     sampler: str | None = None  # ddpm | ddim; default the checkpoint's native sampler
     steps: int | None = None
@@ -291,6 +322,7 @@ class CalibrateConfig:
     out_dir: str | None = None  # default <checkpoint>/schedules
     forecast_order: int = 0  # 0: BAC's reuse criterion; 1: the order-1 forecast error (for BAC+Taylor o1)
     magcache: bool = False  # write diffusers' MagCache ratios (cache/peers.py) instead of BAC schedules
+    carry: bool = False  # write the cross-chunk errors (policy_accel/cross_chunk.py) instead
     skip_current: bool = False  # do nothing when every file this would write exists for this checkpoint's weights
 
 
@@ -311,24 +343,45 @@ def run(cfg: CalibrateConfig) -> list[Path]:
     if not cfg.checkpoint:
         raise SystemExit("checkpoint=<folder> is required (e.g. checkpoint=checkpoints/lift_dp_t)")
     torch.set_num_threads(cfg.num_threads)
-    budgets = [cfg.budget] if isinstance(cfg.budget, int) else list(cfg.budget)
+    if cfg.budget is not None and cfg.calls is not None:
+        raise SystemExit(f"give budget= (per block) or calls= (pooled), not both: {cfg.budget} and {cfg.calls}")
+
+    def listed(v):
+        return [v] if isinstance(v, int | float) else list(v)
+
+    budgets = [] if cfg.calls is not None else listed(10 if cfg.budget is None else cfg.budget)
+    calls = [] if cfg.calls is None else [float(c) for c in listed(cfg.calls)]
     bubbles = [cfg.bubble_blocks] if isinstance(cfg.bubble_blocks, int) else list(cfg.bubble_blocks)
     policy = load_policy(cfg.checkpoint)
     native = policy.config.sampler
     policy.set_sampler(SamplerConfig(cfg.sampler or native.kind, cfg.steps or native.num_steps, native.num_train_steps))
     sampler = policy.sampler
     out_dir = Path(cfg.out_dir or Path(cfg.checkpoint) / "schedules")
-    if cfg.magcache:
+    if cfg.carry:
+        from policy_accel.cross_chunk import carry_file_name
+
+        paths = [out_dir / f"{carry_file_name(sampler.kind, sampler.num_steps)}.json"]
+    elif cfg.magcache:
         paths = [out_dir / f"{mag_ratios_name(sampler.kind, sampler.num_steps)}.json"]
     else:
-        paths = [out_dir / f"{schedule_name(b, bb, sampler.kind, sampler.num_steps, cfg.forecast_order)}.json"
-                 for b in budgets for bb in bubbles]
+        kinds = [(b, None) for b in budgets] + [(None, c) for c in calls]
+        paths = [out_dir / (f"{schedule_name(b, bb, sampler.kind, sampler.num_steps, cfg.forecast_order)}.json"
+                            if c is None else f"{pooled_schedule_name(c, bb, sampler.kind, sampler.num_steps)}.json")
+                 for b, c in kinds for bb in bubbles]
     if cfg.skip_current and all(_is_current(p, policy.checkpoint_hash) for p in paths):
         print(f"up to date for checkpoint {policy.checkpoint_hash}: " + ", ".join(p.name for p in paths))
         return []
     dataset = cfg.dataset or policy.config.info.get("dataset")
     if not dataset:
         raise SystemExit(f"{cfg.checkpoint} names no training dataset; pass dataset=<path.zarr>")
+    if cfg.carry:
+        from policy_accel.cross_chunk import CarryErrors
+
+        errors = CarryErrors.measure(policy, dataset, cfg.observations, cfg.seed)
+        errors.save(paths[0])
+        print(f"{paths[0]}: step-0 change from a chunk to the next, per block: "
+              + ", ".join(f"{n.rsplit('.', 2)[-2]}.{n.rsplit('.', 1)[-1]} {e:.2f}" for n, e in errors.errors.items()))
+        return paths
     obs = demo_observations(dataset, cfg.observations, policy.config.n_obs_steps, cfg.seed)
     description = f"{len(obs)} observation histories drawn from {dataset} (seed {cfg.seed})"
     if cfg.magcache:
@@ -339,8 +392,9 @@ def run(cfg: CalibrateConfig) -> list[Path]:
     infos = _check_uncached(policy, cfg.blocks, budgets, cfg.forecast_order)
     profile = profile_blocks(policy, obs, infos, cfg.batch_size, cfg.seed)
     written = []
-    for (budget, bubble), path in zip([(b, bb) for b in budgets for bb in bubbles], paths, strict=True):
-        sched = schedule_from_profile(policy.binding(), profile, infos, budget, bubble, description, cfg.forecast_order)
+    for (budget, call, bubble), path in zip([(b, c, bb) for b, c in kinds for bb in bubbles], paths, strict=True):
+        sched = schedule_from_profile(policy.binding(), profile, infos, budget, bubble, description, cfg.forecast_order,
+                                      call)
         sched.save(path)
         written.append(path)
         print(f"{path}: computes {sched.computed_fraction():.1%} of block-steps, "

@@ -101,6 +101,8 @@ class Policy(nn.Module):
         self.compiled_model = None  # set by compile()
         self.chunk_graph = None  # set by compile_chunk()
         self.dtype = torch.float32  # the denoiser's weights and activations (set_dtype)
+        self.episode_noise = False  # True: one initial noise draw per episode, reused by every chunk
+        self._episode_noise: torch.Tensor | None = None
         self._fp32_hash: str | None = None  # checkpoint_hash from before a cast to half precision
         self.set_sampler(config.sampler)
         self.seed(seed)
@@ -195,6 +197,7 @@ class Policy(nn.Module):
         """New episode: clears the observation history, the action queue and the cache's state."""
         self._history.clear()
         self._actions.clear()
+        self._episode_noise = None
         self.clock.reset()
 
     def select_action(self, obs, done: np.ndarray | None = None) -> np.ndarray:
@@ -268,8 +271,12 @@ class Policy(nn.Module):
             self.seed(self._seed)
         B = len(history)
         shape = (B, cfg.horizon, cfg.action_dim)
-        if noise is None:
+        if noise is None and self.episode_noise and self._episode_noise is not None \
+                and tuple(self._episode_noise.shape) == shape:
+            noise = self._episode_noise
+        elif noise is None:
             noise = torch.randn(shape, generator=self.generator, device=device)
+            self._episode_noise = noise if self.episode_noise else None
         elif tuple(noise.shape) != shape:
             raise ValueError(f"noise must have shape {shape}, got {tuple(noise.shape)}")
         else:

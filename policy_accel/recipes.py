@@ -5,7 +5,7 @@ and (for BAC and MagCache) the checkpoint's calibrated file, found by name.
     pa.accelerate(policy, "ddim10")                    # step reduction only
     pa.remove_acceleration(policy)                     # back to the native sampler, no cache
 
-Grammar: [compile+]<method>[@ddim<K>]
+Grammar: [compile+ | carry<E>[r<R>]+]<method>[@ddim<K>]
 
     uncached                 the checkpoint's native sampler (DDPM-100 for DP-T), no cache
     ddim10                   DDIM with 10 steps (step reduction, the baseline frontier)
@@ -13,7 +13,9 @@ Grammar: [compile+]<method>[@ddim<K>]
     uniform5                 reuse, all blocks refresh every 5 steps
     taylorseer4o2            Taylor forecast (order 2), uniform refresh every 4 steps
     bac10 / bac10nb          BAC schedule with budget 10, with / without the Bubbling Union (5 blocks)
-    bac_taylor10o2           BAC schedule + Taylor forecast of order 2 (ours)
+    bacg1.5nb                BAC on a pooled budget: 1.5 full-call equivalents of block-steps shared by all
+                             blocks (at least step 0 each), placed by least squared reuse error
+    bac_taylor10o2           BAC schedule + Taylor forecast of order 2 (ours); bac_taylorg1.5o1nb: pooled
     bac_taylor10o1f          ours, order 1, on a schedule calibrated against the order-1 forecast error
     diffusers_taylorseer4o1  diffusers' own TaylorSeer hook (warm-up 3)
     diffusers_fbc0.05        diffusers' First Block Cache on whole layers, threshold 0.05 (dynamic)
@@ -22,6 +24,9 @@ Grammar: [compile+]<method>[@ddim<K>]
     <method>@ddim20          the same on top of DDIM-20
     compile / compile+ddim10 torch.compile of the whole denoiser (one graph)
     compile+<method>         the method with each block's computation compiled
+    carry0.2+uniform10@ddim10  cross-chunk reuse (cache/carry.py): blocks whose step-0 output moves by <= 0.2
+                             from a chunk to the next (<checkpoint>/schedules/carry_ddim10.json) start from the
+                             previous chunk's on all but every 2nd chunk (r3: 3rd); uniform / taylorseer only
 
 Each family is one registered `Recipe`: a pattern and a function building its config; a new family
 touches nothing else. BAC files live at <checkpoint>/schedules/<schedule_name(...)>.json, MagCache's at
@@ -55,6 +60,11 @@ def schedule_name(budget: int, bubble_blocks: int, sampler: str, num_steps: int,
     return f"bac_s{budget}_b{bubble_blocks}_{sampler}{num_steps}" + (f"_f{forecast_order}" if forecast_order else "")
 
 
+def pooled_schedule_name(calls: float, bubble_blocks: int, sampler: str, num_steps: int) -> str:
+    """File stem of a BAC schedule on a pooled budget of `calls` full-call equivalents."""
+    return f"bac_g{calls:g}_b{bubble_blocks}_{sampler}{num_steps}"
+
+
 @dataclass(frozen=True)
 class Recipe:
     family: str
@@ -74,11 +84,15 @@ def register_recipe(recipe: Recipe) -> Recipe:
 
 
 def _bac_file(p, s):
-    return schedule_name(p["budget"], 0 if p["nb"] else BUBBLE_BLOCKS, s.kind, s.num_steps, 1 if p["f"] else 0)
+    bubble = 0 if p["nb"] else BUBBLE_BLOCKS
+    if p["calls"] is not None:
+        return pooled_schedule_name(p["calls"], bubble, s.kind, s.num_steps)
+    return schedule_name(p["budget"], bubble, s.kind, s.num_steps, 1 if p["f"] else 0)
 
 
 def _bac_args(p, s):
-    return (f"budget={p['budget']} bubble_blocks={0 if p['nb'] else BUBBLE_BLOCKS} sampler={s.kind} "
+    size = f"budget={p['budget']}" if p["calls"] is None else f"calls={p['calls']:g}"
+    return (f"{size} bubble_blocks={0 if p['nb'] else BUBBLE_BLOCKS} sampler={s.kind} "
             f"steps={s.num_steps}" + (" forecast_order=1" if p["f"] else ""))
 
 
@@ -89,9 +103,9 @@ for _r in [
     Recipe("uniform", r"uniform(?P<interval>\d+)", lambda p, f, c: UniformConfig(p["interval"], compile=c)),
     Recipe("taylorseer", r"taylorseer(?P<interval>\d+)o(?P<order>\d+)",
            lambda p, f, c: TaylorSeerConfig(p["interval"], p["order"], compile=c)),
-    Recipe("bac", r"bac(?P<budget>\d+)(?P<nb>nb)?(?P<f>)", lambda p, f, c: BACConfig(schedule=f, compile=c),
-           _bac_file, _bac_args),
-    Recipe("bac_taylor", r"bac_taylor(?P<budget>\d+)o(?P<order>\d+)(?P<nb>nb)?(?P<f>f)?",
+    Recipe("bac", r"bac(?:(?P<budget>\d+)|g(?P<calls>\d+\.\d+))(?P<nb>nb)?(?P<f>)",
+           lambda p, f, c: BACConfig(schedule=f, compile=c), _bac_file, _bac_args),
+    Recipe("bac_taylor", r"bac_taylor(?:(?P<budget>\d+)|g(?P<calls>\d+\.\d+))o(?P<order>\d+)(?P<nb>nb)?(?P<f>f)?",
            lambda p, f, c: BACTaylorConfig(schedule=f, order=p["order"], compile=c), _bac_file, _bac_args),
     Recipe("diffusers_taylorseer", r"diffusers_taylorseer(?P<interval>\d+)o(?P<order>\d+)",
            lambda p, f, c: DiffusersTaylorSeerConfig(p["interval"], p["order"], DIFFUSERS_WARMUP), ours=False),
@@ -115,6 +129,7 @@ class Method:
     params: dict
     base_steps: int | None  # DDIM steps underneath (None: the native sampler)
     compiled: bool = False
+    carry: tuple[float, int] | None = None  # cross-chunk reuse: (error threshold, refresh)
 
     @property
     def recipe(self) -> Recipe:
@@ -125,7 +140,7 @@ class Method:
         """The `method` field of results: uncached, ddim, uniform, ..., compile, compile+bac."""
         if self.compiled:
             return "compile" if self.family == "uncached" else f"compile+{self.family}"
-        return self.family
+        return f"carry+{self.family}" if self.carry else self.family
 
     def sampler(self, native: SamplerConfig) -> SamplerConfig:
         steps = self.params["steps"] if self.family == "ddim" else self.base_steps
@@ -135,17 +150,25 @@ class Method:
 
     def file(self, checkpoint_dir, native: SamplerConfig) -> Path | None:
         """The calibrated file this method reads (None for methods without one)."""
+        if self.carry:
+            from policy_accel.cross_chunk import carry_file_name
+
+            sampler = self.sampler(native)
+            return Path(checkpoint_dir) / "schedules" / f"{carry_file_name(sampler.kind, sampler.num_steps)}.json"
         if self.recipe.file is None:
             return None
         return Path(checkpoint_dir) / "schedules" / f"{self.recipe.file(self.params, self.sampler(native))}.json"
 
     def calibrate_command(self, checkpoint_dir, native: SamplerConfig) -> str:
-        return (f"python eval/calibrate.py checkpoint={checkpoint_dir} "
-                f"{self.recipe.calibrate(self.params, self.sampler(native))}")
+        sampler = self.sampler(native)
+        args = (f"carry=true sampler={sampler.kind} steps={sampler.num_steps}" if self.carry
+                else self.recipe.calibrate(self.params, sampler))
+        return f"python eval/calibrate.py checkpoint={checkpoint_dir} {args}"
 
-    def config(self, checkpoint_dir, native: SamplerConfig):
+    def config(self, checkpoint_dir, native: SamplerConfig, checkpoint_hash: str | None = None):
         """The cache config (None for uncached / ddim / compile alone); a missing file is an error that
-        lists the files there are and prints the command that makes this one."""
+        lists the files there are and prints the command that makes this one. With `checkpoint_hash`, a
+        cross-chunk calibration made for other weights is an error."""
         if self.recipe.build is None:
             return None
         path = self.file(checkpoint_dir, native)
@@ -154,6 +177,17 @@ class Method:
             raise FileNotFoundError(f"method {self.spec!r} needs {path}, which does not exist (there: "
                                     f"{', '.join(there) or 'nothing'}); make it with: "
                                     f"{self.calibrate_command(checkpoint_dir, native)}")
+        if self.carry:
+            from policy_accel.cache import CarryConfig
+            from policy_accel.cross_chunk import CarryErrors, carry_pattern
+
+            errors = CarryErrors.load(path)
+            if checkpoint_hash is not None and errors.checkpoint_hash != checkpoint_hash:
+                raise ValueError(f"{path} was measured on checkpoint {errors.checkpoint_hash[:12]}, not "
+                                 f"{checkpoint_hash[:12]}; make it again with: "
+                                 f"{self.calibrate_command(checkpoint_dir, native)}")
+            base = self.recipe.build(self.params, None, False)
+            return CarryConfig(base, carry_pattern(errors.errors, self.carry[0]), refresh=self.carry[1])
         return self.recipe.build(self.params, None if path is None else str(path), self.compiled)
 
 
@@ -162,7 +196,7 @@ def _value(key: str, v: str | None):
         return bool(v)
     if v is None:
         return None
-    return float(v) if key in ("threshold", "retention") else int(v)
+    return float(v) if key in ("threshold", "retention", "calls") else int(v)
 
 
 def parse_method(spec: str) -> Method:
@@ -171,6 +205,14 @@ def parse_method(spec: str) -> Method:
         raise TypeError(f"a method string must be a str, got {type(spec).__name__}")
     compiled = spec == "compile" or spec.startswith("compile+")
     rest = "uncached" if spec == "compile" else spec.removeprefix("compile+")
+    carry = re.match(r"carry(\d+\.\d+)(?:r(\d+))?\+", rest)
+    if carry:
+        rest = rest[carry.end():]
+        carry = (float(carry.group(1)), int(carry.group(2) or 2))
+        if carry[1] < 2:
+            raise ValueError(f"method {spec!r}: the carry refresh must be >= 2")
+        if compiled:
+            raise ValueError(f"method {spec!r}: compile and carry do not combine (carry keeps state across chunks)")
     body, _, base = rest.partition("@")
     base_steps = None
     if base:
@@ -187,7 +229,13 @@ def parse_method(spec: str) -> Method:
         if compiled and not recipe.ours:
             raise ValueError(f"method {spec!r}: compile combines with our methods only")
         params = {k: _value(k, v) for k, v in m.groupdict().items()}
+        if carry and family not in ("uniform", "taylorseer"):
+            raise ValueError(f"method {spec!r}: carry combines with uniform and taylorseer (no file of their own)")
+        if params.get("f") and params.get("calls") is not None:
+            raise ValueError(f"method {spec!r}: a pooled budget (g) uses the reuse error; 'f' does not apply")
+        if params.get("calls") is not None and params["calls"] < 1:
+            raise ValueError(f"method {spec!r}: a pooled budget is at least 1.0 full call (step 0 of every block)")
         if params.get("f") and params["order"] != 1:
             raise ValueError(f"method {spec!r}: 'f' (schedule calibrated against the order-1 forecast) needs order 1")
-        return Method(spec, family, params, base_steps, compiled)
+        return Method(spec, family, params, base_steps, compiled, carry)
     raise ValueError(f"unknown method {spec!r}; expected one of: {', '.join(RECIPES)} (see policy_accel/recipes.py)")

@@ -285,3 +285,16 @@ def test_calibration_is_reproducible_and_the_union_keeps_volatile_blocks_fresh_f
     assert any(sched.blocks[n] != acs[n] for n in chosen)  # this calibration makes the union do something
     pa.accelerate(policy, pa.BACTaylorConfig(schedule=sched, order=1))
     assert np.isfinite(chunk(policy)).all()
+
+
+def test_pooled_calibration_spends_exactly_its_budget_and_runs(policy):
+    obs = list(np.random.default_rng(4).uniform(-2, 2, (4, 2, OBS_DIM)).astype(np.float32))
+    n_blocks = len(pa.find_blocks(policy.model))
+    sched = pa.calibrate(policy, obs, calls=1.5, bubble_blocks=0, batch_size=4)
+    assert sum(len(s) for s in sched.blocks.values()) == round(1.5 * n_blocks)
+    assert all(s[0] == 0 for s in sched.blocks.values()) and "pooled" in sched.calibration["criterion"]
+    with pytest.raises(ValueError, match="exactly one of budget"):
+        pa.calibrate(policy, obs, budget=2, calls=1.5)
+    pa.accelerate(policy, pa.BACConfig(schedule=sched))
+    assert np.isfinite(chunk(policy)).all()
+    pa.remove_acceleration(policy)

@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 import policy_accel as pa
+from policy_accel.cross_chunk import CarryErrors
 from policy_accel.recipes import parse_method
 from tests.conftest import make_dp_t_policy
 
@@ -73,3 +74,40 @@ def test_bad_method_strings_raise_clear_errors():
     with pytest.raises(ValueError, match="not loaded from one"):
         pa.accelerate(policy, "bac10")
     assert pa.accelerate(policy, "uniform3") is policy.cache  # no file needed
+
+
+def test_pooled_budget_method_strings_name_their_file_and_reject_what_does_not_apply(lift):
+    m = parse_method("bacg1.5nb@ddim10")
+    assert m.family == "bac" and m.params["calls"] == 1.5
+    assert m.file(lift.path, lift.sampler).name == "bac_g1.5_b0_ddim10.json"
+    assert "calls=1.5 bubble_blocks=0 sampler=ddim steps=10" in m.calibrate_command(lift.path, lift.sampler)
+    assert parse_method("bac_taylorg2.0o1nb").file(lift.path, lift.sampler).name == "bac_g2_b0_ddpm100.json"
+    with pytest.raises(ValueError, match="pooled budget"):
+        parse_method("bac_taylorg1.5o1nbf")
+    with pytest.raises(ValueError, match="at least 1.0"):
+        parse_method("bacg0.5")
+
+
+def test_carry_method_strings_pick_the_calibrated_blocks_and_refuse_what_does_not_combine(lift, tmp_path):
+    m = parse_method("carry0.1r3+uniform10@ddim10")
+    assert (m.name, m.carry, m.base_steps) == ("carry+uniform", (0.1, 3), 10)
+    assert m.file(lift.path, lift.sampler).name == "carry_ddim10.json"
+    assert "carry=true sampler=ddim steps=10" in m.calibrate_command(lift.path, lift.sampler)
+    handle = pa.accelerate(lift, "carry0.1+uniform10@ddim10")
+    measured = CarryErrors.load(m.file(lift.path, lift.sampler)).errors
+    assert {h.info.name for h in handle.carried} == {n for n, e in measured.items() if e <= 0.1}
+    assert lift.episode_noise and handle.config.refresh == 2
+    pa.remove_acceleration(lift)
+    assert not lift.episode_noise and lift.cache is None
+    for bad, why in [("carry0.1+bac10", "uniform and taylorseer"), ("compile+carry0.1+uniform5", "do not combine"),
+                     ("carry0.1r1+uniform5", "refresh must be >= 2")]:
+        with pytest.raises(ValueError, match=why):
+            parse_method(bad)
+    stale = tmp_path / "schedules"
+    stale.mkdir()
+    data = CarryErrors.load(m.file(lift.path, lift.sampler))
+    data.checkpoint_hash = "0" * 64
+    data.save(stale / "carry_ddim10.json")
+    with pytest.raises(ValueError, match="measured on checkpoint 000000000000"):
+        pa.accelerate(lift, "carry0.1+uniform10@ddim10", checkpoint_dir=tmp_path)
+    assert lift.cache is None and lift.recipe is None

@@ -103,7 +103,8 @@ def test_envs_hold_after_success_and_mixed_batches_finish():
 
 def test_method_strings_parse_and_reject_typos():
     m = parse_method("bac_taylor10o2nb@ddim20")
-    assert (m.family, m.params, m.base_steps) == ("bac_taylor", {"budget": 10, "order": 2, "nb": True, "f": False}, 20)
+    params = {"budget": 10, "calls": None, "order": 2, "nb": True, "f": False}
+    assert (m.family, m.params, m.base_steps) == ("bac_taylor", params, 20)
     assert parse_method("taylorseer4o1").params == {"interval": 4, "order": 1}
     assert parse_method("diffusers_fbc0.05@ddim20").params == {"threshold": 0.05}
     assert parse_method("diffusers_magcache0.2k9").params == {"threshold": 0.2, "max_skip": 9, "retention": None}

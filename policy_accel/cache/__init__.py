@@ -4,6 +4,7 @@ Attaches to any nn.Module whose sub-blocks it is told about (a name pattern) and
 sampling loop's StepClock; never imports models/, the policy or the data.
 """
 
+from policy_accel.cache.carry import CarryCache, CarryConfig
 from policy_accel.cache.forecast import Forecaster
 from policy_accel.cache.handle import CacheHandle
 from policy_accel.cache.hooks import find_blocks
@@ -23,7 +24,8 @@ from policy_accel.cache.peers import DiffusersFBCConfig, DiffusersMagCacheConfig
 from policy_accel.cache.schedule import Binding, Schedule, acs_steps, bubbling_union, uniform_steps
 
 __all__ = [
-    "BACConfig", "BACTaylorConfig", "Binding", "CacheHandle", "DiffusersFBCConfig", "DiffusersMagCacheConfig",
+    "BACConfig", "BACTaylorConfig", "Binding", "CacheHandle", "CarryCache", "CarryConfig",
+    "DiffusersFBCConfig", "DiffusersMagCacheConfig",
     "DiffusersTaylorSeerConfig", "EveryStepConfig", "Forecaster", "MagRatios", "Schedule", "TaylorSeerConfig",
     "UniformConfig", "acs_steps", "attach", "bubbling_union", "config_from_dict", "config_to_dict", "find_blocks",
     "register_attach", "register_method", "uniform_steps",

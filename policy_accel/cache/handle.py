@@ -16,12 +16,17 @@ class CacheHandle(ClockListener):
         self.clock.listeners.append(self)
         self.attached = True
 
+    chunks_per_cycle = 1  # consecutive chunks over which the work per chunk repeats (cross-chunk reuse: more)
+
     def begin_chunk(self, batch_size: int, sampler_kind: str, timesteps: tuple[float, ...]) -> None:
+        self.check_sampler(sampler_kind, timesteps)
+        self.reset()
+
+    def check_sampler(self, sampler_kind: str, timesteps: tuple[float, ...]) -> None:
         b = self.binding
         if (sampler_kind, len(timesteps)) != (b.sampler, b.num_steps):
             raise ValueError(f"cache {self.tag} was attached for {b.sampler}-{b.num_steps} but the sampler runs "
                              f"{sampler_kind}-{len(timesteps)}; re-apply acceleration after changing the sampler")
-        self.reset()
 
     def remove(self) -> None:
         """Take every wrapper off and free the cache: the denoiser behaves exactly as before `attach`."""

@@ -289,7 +289,7 @@ def config_to_dict(config) -> dict:
             raise ValueError(f"{type(config).__name__}.{f.name} is a Schedule object: save it and give its path")
         if f.name == "observations" and value is not None:
             raise ValueError(f"{type(config).__name__}.observations does not serialise: calibrate and give the path")
-        out[f.name] = value
+        out[f.name] = config_to_dict(value) if type(value) in _ATTACH else value  # a wrapped method's config
     return out
 
 
@@ -300,6 +300,7 @@ def config_from_dict(data: dict):
     types = {t.__name__: t for t in _ATTACH}
     if name not in types:
         raise ValueError(f"unknown acceleration config type {name!r}; known: {', '.join(types)}")
+    data = {k: config_from_dict(v) if isinstance(v, dict) and "type" in v else v for k, v in data.items()}
     try:
         return types[name](**data)
     except TypeError as e:

@@ -3,6 +3,7 @@
     uniform_steps(num_steps, interval)          every block on steps 0, N, 2N, ...
     acs_steps(similarity, budget)               BAC's Adaptive Caching Scheduler (dynamic program)
     forecast_acs_steps(gram, t, budget)         the same against the error of a linear forecast in t
+    pooled_acs_steps(grams, total)              ACS with one budget shared by all blocks (reuse error)
     bubbling_union(steps, volatility, ffn, n)   BAC's Bubbling Union across layers
 
 A `Schedule` is bound to the checkpoint, sampler and step count it was made for (a `Binding`);
@@ -34,17 +35,11 @@ def segment_scores(similarity: np.ndarray) -> np.ndarray:
     return np.cumsum(upper, axis=1)
 
 
-def acs_steps(similarity: np.ndarray, budget: int) -> list[int]:
-    """Choose `budget` update steps (step 0 always) partitioning 0..K-1 into contiguous segments
-    that maximise sum over segments of sum_{t in segment} S[start, t]. O(budget * K^2)."""
-    sim = np.asarray(similarity, dtype=np.float64)
+def _acs_table(sim: np.ndarray, budget: int) -> tuple[np.ndarray, np.ndarray]:
+    """ACS's dynamic program: best[s][i], the best value covering steps 0..i with s segments, and
+    arg[s][i], the start of the last one."""
     K = sim.shape[0]
-    if sim.shape != (K, K):
-        raise ValueError(f"similarity must be square, got shape {sim.shape}")
-    if not 1 <= budget <= K:
-        raise ValueError(f"budget must be in [1, {K}] for {K} steps, got {budget}")
     score = segment_scores(sim)
-    # best[s][i]: best value covering steps 0..i with s segments; arg[s][i]: start of the last one
     best = np.full((budget + 1, K), -np.inf)
     arg = np.zeros((budget + 1, K), dtype=np.int64)
     best[1] = score[0]
@@ -57,12 +52,71 @@ def acs_steps(similarity: np.ndarray, budget: int) -> list[int]:
         cand[0] = -np.inf
         arg[s] = np.argmax(cand, axis=0)
         best[s] = cand[arg[s], starts]
+    return best, arg
+
+
+def _check_square(matrix, what: str) -> np.ndarray:
+    m = np.asarray(matrix, dtype=np.float64)
+    if m.ndim != 2 or m.shape[0] != m.shape[1]:
+        raise ValueError(f"{what} must be square, got shape {m.shape}")
+    return m
+
+
+def acs_steps(similarity: np.ndarray, budget: int) -> list[int]:
+    """Choose `budget` update steps (step 0 always) partitioning 0..K-1 into contiguous segments
+    that maximise sum over segments of sum_{t in segment} S[start, t]. O(budget * K^2)."""
+    sim = _check_square(similarity, "similarity")
+    K = sim.shape[0]
+    if not 1 <= budget <= K:
+        raise ValueError(f"budget must be in [1, {K}] for {K} steps, got {budget}")
+    _, arg = _acs_table(sim, budget)
     steps, i = [], K - 1
     for s in range(budget, 1, -1):
         j = int(arg[s][i])
         steps.append(j)
         i = j - 1
     return [0, *sorted(steps)]
+
+
+def reuse_errors(gram: np.ndarray) -> np.ndarray:
+    """err[j, t] = |F_t - F_j|^2, the squared error of reusing step j's output at step t, from the
+    Gram matrix gram[i, j] = <F_i, F_j> (a mean over observations gives the mean error)."""
+    G = _check_square(gram, "gram")
+    d = np.diag(G)
+    return np.maximum(d[:, None] + d[None, :] - 2 * G, 0.0)
+
+
+def pooled_acs_steps(grams: dict[str, np.ndarray], total: int) -> dict[str, list[int]]:
+    """ACS with one budget for all blocks: `total` compute steps (each block at least step 0) placed to
+    minimise the summed squared reuse error of every block's output. The error is absolute, not
+    cosine, so that blocks whose outputs move the residual stream more weigh more. Exact: per block,
+    ACS's table gives the least error at every budget; a knapsack over blocks splits `total`."""
+    names = list(grams)
+    errs = {n: reuse_errors(grams[n]) for n in names}
+    K = next(iter(errs.values())).shape[0] if names else 0
+    if any(e.shape != (K, K) for e in errs.values()):
+        raise ValueError("every block's Gram matrix must have the same number of steps")
+    if not len(names) <= total <= len(names) * K:
+        raise ValueError(f"total must be in [{len(names)}, {len(names) * K}] for {len(names)} blocks of "
+                         f"{K} steps (each block computes at least step 0), got {total}")
+    top = min(K, total - len(names) + 1)  # most steps one block can get
+    cost = {n: -_acs_table(-errs[n], top)[0][1:, K - 1] for n in names}  # cost[n][s - 1]: least error, s steps
+    # knapsack over blocks: best[c], least error of the blocks so far with c steps in all
+    best, picks = np.zeros(1), []
+    for n in names:
+        new = np.full(len(best) + top - 1, np.inf)
+        pick = np.zeros(len(new), dtype=np.int64)
+        for s in range(1, top + 1):
+            cand = best + cost[n][s - 1]
+            better = cand < new[s - 1:s - 1 + len(best)]
+            new[s - 1:s - 1 + len(best)][better] = cand[better]
+            pick[s - 1:s - 1 + len(best)][better] = s
+        best, picks = new, picks + [pick]
+    budgets, c = {}, total - len(names)  # index c: extra steps beyond one per block
+    for n, pick in zip(reversed(names), reversed(picks), strict=True):
+        budgets[n] = int(pick[c])
+        c -= budgets[n] - 1
+    return {n: acs_steps(-errs[n], budgets[n]) for n in names}
 
 
 def linear_forecast_errors(gram: np.ndarray, t) -> np.ndarray:
