@@ -1,7 +1,7 @@
 """The fully cached step (policy_accel/cache/stack.py): on a step on which every block is skipped, a denoiser
 with the `skip_stack` seam does not enter its layer stack; the cache adds the sum of the blocks' forecasts
-once. Families here: tiny DP-T and the tiny guided flow DiT of tests/conftest.py (the VLA families do not
-declare the seam yet, so their caches keep the per-block path).
+once. Families here: every family of tests/conftest.py (tiny DP-T, the guided flow DiT, SmolVLA, π0.5,
+GR00T N1.5, CogACT).
 
 Exactness: the per-block path adds the forecasts to the stream one at a time, ((h + F_1) + F_2) + ...; the
 shortcut adds their sum, h + (F_1 + F_2 + ...). Against the same sum the step is bit-exact; against the
@@ -14,16 +14,17 @@ import pytest
 import torch
 
 import policy_accel as pa
-from tests.conftest import make_family
+from tests.conftest import FAMILIES, make_family
 
-SEAM = ["dp_t", "guided_dit"]
+SEAM = FAMILIES
 CLOSE = dict(rtol=1e-5, atol=1e-6)  # summation order only
 UNEVEN = {0: [0, 1, 4, 5, 9], 1: [0, 4, 9], 2: [0, 2, 4, 7, 9]}  # per-layer BAC-like steps: 3, 6, 8 skip every block
 
 
 def bac_schedule(family) -> pa.Schedule:
     layer = {b.name: b.layer for b in pa.find_blocks(family.denoiser)}
-    return pa.Schedule(blocks={n: UNEVEN[layer[n] % 3] for n in family.block_names}, num_steps=family.sampler.num_steps,
+    K = family.sampler.num_steps  # GR00T runs 4 steps: {0, 1}, {0}, {0, 2}; step 3 skips every block
+    return pa.Schedule(blocks={n: [k for k in UNEVEN[layer[n] % 3] if k < K] for n in family.block_names}, num_steps=K,
                        sampler=family.sampler.kind, checkpoint_hash=family.binding.checkpoint_hash)
 
 
@@ -60,28 +61,30 @@ def test_chunks_equal_the_per_block_path(name, method):
 def test_a_fully_skipped_step_is_the_reference_computation_with_the_cached_residuals(name, order):
     family = make_family(name)
     model, clock = family.denoiser, family.clock
-    handle = family.attach(pa.TaylorSeerConfig(interval=4, order=order, warmup=0))  # steps 0, 4, 8 compute
-    cond, x = family.inputs(2)
     ts = family.sampler.timesteps()
-    ctx = model.prepare(cond, ts)
+    iv = 4 if len(ts) >= 8 else 2  # steps 0, iv, 2 iv, ... compute; step iv + 1 skips every block
+    handle = family.attach(pa.TaylorSeerConfig(interval=iv, order=order, warmup=0))
+    cond, x = family.inputs(2)
     with torch.no_grad():
+        ctx = model.prepare(cond, ts)
         clock.begin_chunk(2, family.sampler.kind, ts)
-        for k in (0, 4):  # what the stored points would be at step 6 of a chunk
+        for k in (0, iv):  # what the stored points would be at step iv + 1 of a chunk
             clock.at(k, ts[k])
             model(x + k, torch.tensor(ts[k]), ctx.at_step(k))
-        clock.at(6, ts[6])
-        t = torch.tensor(ts[6])
-        fast = model(x, t, ctx.at_step(6))
-        forecasts = [h.forecasters["cond"].predict(ts[6]) for h in handle.hooks]
+        k = iv + 1
+        clock.at(k, ts[k])
+        t = torch.tensor(ts[k])
+        fast = model(x, t, ctx.at_step(k))
+        forecasts = [h.forecasters["cond"].predict(ts[k]) for h in handle.hooks]
         if order == 0:  # reuse: the same additions in the same order -> bit-exact
             residual = functools.reduce(torch.add, forecasts)
-            assert torch.equal(fast, model.skip_stack(x, t, ctx.at_step(6), residual=residual))
+            assert torch.equal(fast, model.skip_stack(x, t, ctx.at_step(k), residual=residual))
         handle.stack.enabled = False
-        slow = model(x, t, ctx.at_step(6))  # the per-block path: each block's forecast added in turn
+        slow = model(x, t, ctx.at_step(k))  # the per-block path: each block's forecast added in turn
         clock.end_chunk()
+        assert not torch.equal(fast, model.skip_stack(x, t, ctx.at_step(k), residual=torch.zeros_like(forecasts[0])))
     assert handle.stack.calls == 1
     torch.testing.assert_close(fast, slow, **CLOSE)
-    assert not torch.equal(fast, model.skip_stack(x, t, ctx.at_step(6), residual=torch.zeros_like(forecasts[0])))
 
 
 def test_the_guidance_branches_keep_their_own_sums():

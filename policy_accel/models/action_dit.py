@@ -379,6 +379,27 @@ class ActionDiT(nn.Module):
     # ---------------------------------------------------------------- per step
     def forward(self, sample: torch.Tensor, timestep, ctx: ActionDiTContext) -> torch.Tensor:
         """sample (B, T, Da), timestep 0-dim or (B,), ctx from prepare -> velocity (GR00T) or epsilon (B, T, Da)."""
+        h, step = self._embed(sample, timestep, ctx)
+        if self.groot:
+            for block, (mod, _), kv in zip(self.transformer_blocks, step.mods, ctx.memory, strict=True):
+                h = block(h, mod, None, kv)
+        elif self.config.adaln_zero:
+            for block, (am, fm) in zip(self.transformer_blocks, step.mods, strict=True):
+                h = block(h, am, fm)
+        else:
+            for block in self.transformer_blocks:
+                h = block(h)
+        return self._head(h, step, ctx, sample.shape[1])
+
+    def skip_stack(self, sample: torch.Tensor, timestep, ctx: ActionDiTContext, residual: torch.Tensor
+                   ) -> torch.Tensor:
+        """forward() with the blocks replaced by adding `residual` (the sum of every attn / ff output):
+        what a cache runs on a step on which it skips every block."""
+        h, step = self._embed(sample, timestep, ctx)
+        return self._head(h + residual, step, ctx, sample.shape[1])
+
+    def _embed(self, sample: torch.Tensor, timestep, ctx: ActionDiTContext) -> tuple[torch.Tensor, StepTensors]:
+        """Checks, then the tokens entering the blocks and this step's time tensors."""
         B, T, Da = sample.shape
         if not isinstance(ctx, ActionDiTContext):
             raise TypeError(f"ctx must be the ActionDiTContext made by prepare(), got {type(ctx).__name__}")
@@ -393,20 +414,18 @@ class ActionDiT(nn.Module):
             step = self._step_tensors(self._time(t.reshape(-1)), ctx.prefix)
         if self.groot:
             a = self.action_encoder(sample, step.tau, ctx.selected) + self.position_embedding.weight[:T]
-            h = torch.cat([ctx.prefix, a], dim=1)  # (B, 1+F+T, C)
-            for block, (mod, _), kv in zip(self.transformer_blocks, step.mods, ctx.memory, strict=True):
-                h = block(h, mod, None, kv)
+            return torch.cat([ctx.prefix, a], dim=1), step  # (B, 1+F+T, C)
+        x = self.x_embedder.linear(sample)  # (B, T, C)
+        if self.config.adaln_zero:
+            return x + self.positional_embedding, step
+        return torch.cat([step.temb[:, None] + ctx.prefix, x], dim=1) + self.positional_embedding, step  # (B, 1+T, C)
+
+    def _head(self, h: torch.Tensor, step: StepTensors, ctx: ActionDiTContext, T: int) -> torch.Tensor:
+        if self.groot:
             shift, scale = step.out.chunk(2, dim=-1)
             h = self.proj_out_2(modulate(self.norm_out(h), shift, scale))[:, -T:]  # (B, T, hidden)
             return -self.action_decoder(h, ctx.selected)  # -v_g = noise - x0
-        x = self.x_embedder.linear(sample)  # (B, T, C)
         if self.config.adaln_zero:
-            h = x + self.positional_embedding
-            for block, (am, fm) in zip(self.transformer_blocks, step.mods, strict=True):
-                h = block(h, am, fm)
             shift, scale = step.out.chunk(2, dim=-1)
             return self.final_layer.linear(modulate(self.final_layer.norm_final(h), shift, scale))
-        h = torch.cat([step.temb[:, None] + ctx.prefix, x], dim=1) + self.positional_embedding  # (B, 1+T, C)
-        for block in self.transformer_blocks:
-            h = block(h)
         return self.final_layer.linear(self.final_layer.norm_final(h))[:, 1:]

@@ -364,6 +364,22 @@ class FlowExpert(nn.Module):
 
     def forward(self, x: torch.Tensor, t, ctx: FlowContext) -> torch.Tensor:
         """x (B, H, Da) at time t (scalar or (B,)), ctx from `prepare` -> velocity (B, H, Da)."""
+        h, mods = self._embed(x, t, ctx)
+        for i, layer in enumerate(self.layers):
+            cross = layer.attn.cross
+            h = h + layer.attn(h, ctx.kv[i], ctx.cross_mask if cross else ctx.mask,
+                               ctx.cross_rope if cross else ctx.rope, mods[2 * i])
+            h = h + layer.mlp(h, mods[2 * i + 1])
+        return self.action_out_proj(self.norm(h, mods[-1]))  # (B, H, C) -> (B, H, Da)
+
+    def skip_stack(self, x: torch.Tensor, t, ctx: FlowContext, residual: torch.Tensor) -> torch.Tensor:
+        """forward() with the layers replaced by adding `residual` (the sum of every attn / mlp output):
+        what a cache runs on a step on which it skips every block."""
+        h, mods = self._embed(x, t, ctx)
+        return self.action_out_proj(self.norm(h + residual, mods[-1]))
+
+    def _embed(self, x: torch.Tensor, t, ctx: FlowContext) -> tuple[torch.Tensor, list]:
+        """Checks, then the action tokens entering the stack (B, H, C) and the per-norm modulations."""
         cfg = self.config
         if not isinstance(ctx, FlowContext):
             raise TypeError(f"ctx must be the FlowContext made by prepare(), got {type(ctx).__name__}")
@@ -386,9 +402,4 @@ class FlowExpert(nn.Module):
         else:
             h = torch.cat([h, time[:, None].expand(B, H, -1)], dim=-1)  # (B, H, 2C): action first, time second
             h = self.action_time_mlp_out(F.silu(self.action_time_mlp_in(h)))  # (B, H, C)
-        for i, layer in enumerate(self.layers):
-            cross = layer.attn.cross
-            h = h + layer.attn(h, ctx.kv[i], ctx.cross_mask if cross else ctx.mask,
-                               ctx.cross_rope if cross else ctx.rope, mods[2 * i])
-            h = h + layer.mlp(h, mods[2 * i + 1])
-        return self.action_out_proj(self.norm(h, mods[-1]))  # (B, H, C) -> (B, H, Da)
+        return h, mods
