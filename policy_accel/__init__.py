@@ -18,6 +18,7 @@ from policy_accel.cache import (  # noqa: E402
     DiffusersMagCacheConfig,
     DiffusersTaylorSeerConfig,
     EveryStepConfig,
+    PerBranchConfig,
     Schedule,
     TaylorSeerConfig,
     UniformConfig,
@@ -37,7 +38,7 @@ __all__ = [
     "AsyncPolicy", "BACConfig", "BACTaylorConfig", "Binding", "CarryConfig", "ConditionCache", "Context",
     "DPTransformer", "DPTransformerConfig",
     "Denoiser", "DiffusersFBCConfig", "DiffusersMagCacheConfig", "DiffusersTaylorSeerConfig", "EveryStepConfig",
-    "Guidance", "Policy", "PolicyConfig", "SamplerConfig", "Schedule", "StepClock", "TaylorSeerConfig",
-    "UniformConfig", "accelerate", "attach", "cache_stats", "calibrate", "chunk_flops", "config_from_dict",
-    "config_to_dict", "find_blocks", "load_policy", "remove_acceleration", "sample",
+    "Guidance", "PerBranchConfig", "Policy", "PolicyConfig", "SamplerConfig", "Schedule", "StepClock",
+    "TaylorSeerConfig", "UniformConfig", "accelerate", "attach", "cache_stats", "calibrate", "chunk_flops",
+    "config_from_dict", "config_to_dict", "find_blocks", "load_policy", "remove_acceleration", "sample",
 ]

@@ -59,7 +59,7 @@ class ChunkGraph:
             raise ValueError("compile_chunk always compiles with fullgraph=True and dynamic=False")
         self.policy = policy
         self.made_for = self._state()
-        self.branches = 1 if policy.config.guidance_scale is None else 2
+        self.branches = ("cond",) if policy.config.guidance_scale is None else ("cond", "uncond")
         self.compiled = torch.compile(policy._chunk, fullgraph=True, dynamic=False, **compile_kwargs)
         self.cuda_graphs: dict | None = None  # batch size -> (static inputs, graph, output buffer)
         if cuda_graph:

@@ -13,6 +13,7 @@ when a block runs. Outside a chunk (`running` is False) a listener must let bloc
 from contextlib import contextmanager
 
 COND = "cond"
+UNCOND = "uncond"  # the guidance branch sampling.sample runs on ctx.uncond()
 
 
 class ClockListener:

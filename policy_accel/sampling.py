@@ -25,10 +25,8 @@ from dataclasses import dataclass
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from policy_accel.clock import StepClock
+from policy_accel.clock import UNCOND, StepClock
 from policy_accel.denoiser import Context
-
-UNCOND = "uncond"
 
 KINDS = ("ddpm", "ddim", "flow")
 BETA_SCHEDULE = "squaredcos_cap_v2"

@@ -12,6 +12,7 @@ from policy_accel.cache.methods import (
     BACConfig,
     BACTaylorConfig,
     EveryStepConfig,
+    PerBranchConfig,
     TaylorSeerConfig,
     UniformConfig,
     attach,
@@ -26,7 +27,8 @@ from policy_accel.cache.schedule import Binding, Schedule, acs_steps, bubbling_u
 __all__ = [
     "BACConfig", "BACTaylorConfig", "Binding", "CacheHandle", "CarryCache", "CarryConfig",
     "DiffusersFBCConfig", "DiffusersMagCacheConfig",
-    "DiffusersTaylorSeerConfig", "EveryStepConfig", "Forecaster", "MagRatios", "Schedule", "TaylorSeerConfig",
+    "DiffusersTaylorSeerConfig", "EveryStepConfig", "Forecaster", "MagRatios", "PerBranchConfig", "Schedule",
+    "TaylorSeerConfig",
     "UniformConfig", "acs_steps", "attach", "bubbling_union", "config_from_dict", "config_to_dict", "find_blocks",
     "register_attach", "register_method", "uniform_steps",
 ]

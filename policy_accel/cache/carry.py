@@ -20,7 +20,6 @@ import torch
 from policy_accel.cache.forecast import Forecaster
 from policy_accel.cache.handle import CacheHandle
 from policy_accel.cache.methods import attach, register_attach
-from policy_accel.cache.stack import fully_skipped_steps
 from policy_accel.clock import StepClock
 
 
@@ -67,6 +66,9 @@ class CarryCache(CacheHandle):
             inner.remove()
             raise ValueError(f"carry pattern {config.carry!r} matches no cached block "
                              f"(blocks: {', '.join(h.info.name for h in hooks[:3])}, ...)")
+        if any(h.branches for h in self.carried):
+            inner.remove()
+            raise ValueError("carry does not combine with per-branch schedules (PerBranchConfig)")
         self.masks = {id(h): list(h.mask) for h in self.carried}  # the base schedule's
         self.stored: dict[str, dict[str, torch.Tensor]] = {}  # block -> branch -> step-0 output
         self.chunk = 0  # chunks since the episode began
@@ -104,7 +106,7 @@ class CarryCache(CacheHandle):
                     f = h.forecasters[branch] = Forecaster(h.order, h.differences)
                     f.update(timesteps[0], value)
         if self.inner.stack is not None:
-            self.inner.stack.skip = fully_skipped_steps(self.inner.hooks)
+            self.inner.stack.refresh()
         self.chunk += 1
 
     def reset(self) -> None:

@@ -56,10 +56,13 @@ class BlockHook:
     sampling pass the block computes exactly and records nothing."""
 
     def __init__(self, module: nn.Module, info: BlockInfo, mask: list[bool], order: int, differences: str,
-                 clock: StepClock, compile: bool = False):
-        if not mask[0]:
-            raise ValueError(f"block {info.name}: step 0 must compute (nothing to reuse before it)")
-        Forecaster(order, differences)  # validates
+                 clock: StepClock, compile: bool = False, branches: dict | None = None):
+        """`branches`: guidance branch -> (mask, order, differences) of a branch on a schedule of its own."""
+        self.branches = dict(branches or {})
+        for m, o, d in [(mask, order, differences), *self.branches.values()]:
+            if not m[0]:
+                raise ValueError(f"block {info.name}: step 0 must compute (nothing to reuse before it)")
+            Forecaster(o, d)  # validates
         self.module, self.info, self.mask, self.clock = module, info, mask, clock
         self.order, self.differences = order, differences
         self.forecasters: dict[str, Forecaster] = {}
@@ -78,12 +81,14 @@ class BlockHook:
         clock = self.clock
         if not clock.running:
             return self.original_forward(*args, **kwargs)
+        own = self.branches.get(clock.branch_key)
         forecaster = self.forecasters.get(clock.branch_key)
         if forecaster is None:
-            forecaster = self.forecasters[clock.branch_key] = Forecaster(self.order, self.differences)
+            forecaster = self.forecasters[clock.branch_key] = (Forecaster(*own[1:]) if own else
+                                                               Forecaster(self.order, self.differences))
         if torch.compiler.is_compiling():  # traced into a whole-chunk graph: the step is known at trace time
             return self._traced(forecaster, *args, **kwargs)
-        if self.mask[clock.step]:
+        if (own[0] if own else self.mask)[clock.step]:
             self.computed += 1
             if self.flops_per_call is None:  # once per attach: count this call's FLOPs
                 with FlopCounterMode(display=False) as counter:
@@ -99,17 +104,23 @@ class BlockHook:
     def _traced(self, forecaster: Forecaster, *args, **kwargs):
         """The same decision without the counters (they would make dynamo guard on their values and
         recompile every chunk; the chunk graph adds the counts from the masks) or the FLOP probe."""
-        if self.mask[self.clock.step]:
+        own = self.branches.get(self.clock.branch_key)
+        if (own[0] if own else self.mask)[self.clock.step]:
             out = self.original_forward(*args, **kwargs)
             forecaster.update(self.clock.t, out)
             return out
         return forecaster.predict(self.clock.t)
 
-    def count_chunk(self, branches: int = 1) -> None:
-        """Add what one traced chunk computed and skipped (`branches` guidance branches) to the counters."""
-        computed = sum(self.mask)
-        self.computed += branches * computed
-        self.skipped += branches * (len(self.mask) - computed)
+    def mask_of(self, branch: str) -> list[bool]:
+        own = self.branches.get(branch)
+        return own[0] if own else self.mask
+
+    def count_chunk(self, branches: tuple[str, ...] = ("cond",)) -> None:
+        """Add what one traced chunk computed and skipped (on these guidance branches) to the counters."""
+        for branch in branches:
+            computed = sum(self.mask_of(branch))
+            self.computed += computed
+            self.skipped += len(self.mask) - computed
 
     def reset(self) -> None:
         self.forecasters.clear()

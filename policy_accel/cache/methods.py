@@ -24,7 +24,7 @@ from policy_accel.cache.hooks import BlockHook, BlockInfo, find_blocks
 from policy_accel.cache.schedule import Binding, Schedule, uniform_steps
 from policy_accel.cache.stack import StackShortcut, fully_skipped_steps
 from policy_accel.cache.stats import BlockStats, CacheStats
-from policy_accel.clock import StepClock
+from policy_accel.clock import UNCOND, StepClock
 
 
 def _suffix(cfg) -> str:
@@ -147,13 +147,45 @@ class EveryStepConfig:
 
 
 @dataclass
+class PerBranchConfig:
+    """Classifier-free guidance with each branch on its own static schedule, e.g. the unconditional branch
+    refreshed more coarsely than the conditional one: PerBranchConfig(UniformConfig(2), UniformConfig(5))."""
+
+    cond: object  # one of our static-schedule configs, for the conditional branch
+    uncond: object  # the same for the unconditional branch
+
+    def __post_init__(self):
+        for name in ("cond", "uncond"):
+            kind = type(getattr(self, name))
+            if kind not in _PLANNERS:
+                raise TypeError(f"PerBranchConfig.{name} must be a static-schedule config "
+                                f"({', '.join(t.__name__ for t in _PLANNERS)}), got {kind.__name__}")
+        if self.cond.blocks != self.uncond.blocks or self.cond.compile != self.uncond.compile:
+            raise ValueError("both branches must wrap the same blocks with the same compile setting")
+
+    @property
+    def blocks(self):
+        return self.cond.blocks
+
+    @property
+    def compile(self) -> bool:
+        return self.cond.compile
+
+    @property
+    def tag(self) -> str:
+        return f"cond_{self.cond.tag}+uncond_{self.uncond.tag}"
+
+
+@dataclass
 class Plan:
     schedule: Schedule
     order: int = 0
     differences: str = "newton"
+    branches: dict = field(default_factory=dict)  # guidance branch -> Plan of a branch on its own schedule
 
 
 _ATTACH: dict[type, Callable] = {}
+_PLANNERS: dict[type, Callable] = {}
 
 
 def register_attach(config_type: type):
@@ -173,10 +205,12 @@ def register_method(config_type: type):
         def attach_planned(denoiser, config, clock, binding, allow_unbound):
             blocks = find_blocks(denoiser, config.blocks)
             plan = planner(config, binding, blocks)
-            plan.schedule.check_compatible([b.name for b in blocks], binding, allow_unbound)
+            for p in [plan, *plan.branches.values()]:
+                p.schedule.check_compatible([b.name for b in blocks], binding, allow_unbound)
             return BlockCache(denoiser, config, plan, blocks, clock, binding)
 
         _ATTACH[config_type] = attach_planned
+        _PLANNERS[config_type] = planner
         return planner
 
     return decorator
@@ -213,6 +247,12 @@ def _plan_bac_taylor(cfg: BACTaylorConfig, binding, blocks) -> Plan:
     return Plan(cfg.load_schedule(), cfg.order, cfg.differences)
 
 
+@register_method(PerBranchConfig)
+def _plan_per_branch(cfg: PerBranchConfig, binding, blocks) -> Plan:
+    cond = _PLANNERS[type(cfg.cond)](cfg.cond, binding, blocks)
+    return dataclasses.replace(cond, branches={UNCOND: _PLANNERS[type(cfg.uncond)](cfg.uncond, binding, blocks)})
+
+
 class BlockCache(CacheHandle):
     """Our static-schedule methods: one BlockHook per wrapped block, all listening to one clock. On a
     denoiser with the `skip_stack` seam whose every residual block is wrapped, a step that skips every
@@ -227,8 +267,9 @@ class BlockCache(CacheHandle):
         self.stack: StackShortcut | None = None
         try:
             for b in blocks:
+                own = {branch: (p.schedule.mask(b.name), p.order, p.differences) for branch, p in plan.branches.items()}
                 self.hooks.append(BlockHook(modules[b.name], b, plan.schedule.mask(b.name), plan.order,
-                                            plan.differences, clock, compile=config.compile))
+                                            plan.differences, clock, compile=config.compile, branches=own))
             # the seam promises a pure residual stack over the blocks `cache_blocks` names: all must be wrapped
             if (hasattr(denoiser, "skip_stack") and config.blocks in (None, denoiser.cache_blocks)
                     and any(fully_skipped_steps(self.hooks))):

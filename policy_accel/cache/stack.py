@@ -25,12 +25,12 @@ import torch.nn as nn
 
 from policy_accel.cache.forecast import Forecaster
 from policy_accel.cache.hooks import BlockHook
-from policy_accel.clock import StepClock
+from policy_accel.clock import COND, StepClock
 
 
-def fully_skipped_steps(hooks: list[BlockHook]) -> list[bool]:
-    """Per step: True when no wrapped block computes."""
-    return [not any(step) for step in zip(*(h.mask for h in hooks), strict=True)]
+def fully_skipped_steps(hooks: list[BlockHook], branch: str = COND) -> list[bool]:
+    """Per step: True when no wrapped block computes (on guidance branch `branch`)."""
+    return [not any(step) for step in zip(*(h.mask_of(branch) for h in hooks), strict=True)]
 
 
 class StackShortcut:
@@ -39,7 +39,7 @@ class StackShortcut:
 
     def __init__(self, denoiser: nn.Module, hooks: list[BlockHook], clock: StepClock):
         self.module, self.hooks, self.clock = denoiser, hooks, clock
-        self.skip = fully_skipped_steps(hooks)
+        self.refresh()
         self.enabled = True
         self.calls = 0  # denoiser calls that skipped the stack (each one a skip of every block)
         self.sums: dict[str, list[Forecaster]] = {}  # per guidance branch: the summed forecasts, per group
@@ -52,7 +52,7 @@ class StackShortcut:
         clock = self.clock
         if not clock.running:
             return self.original_forward(*args, **kwargs)
-        if not (self.enabled and self.skip[clock.step]):
+        if not (self.enabled and self.skip_by_branch.get(clock.branch_key, self.skip)[clock.step]):
             self.sums.pop(clock.branch_key, None)  # blocks compute on this step: the sums go stale
             return self.original_forward(*args, **kwargs)
         groups = self.sums.get(clock.branch_key)
@@ -65,6 +65,13 @@ class StackShortcut:
         if not torch.compiler.is_compiling():  # traced: the hooks count every skip from the masks (count_chunk)
             self.calls += 1
         return self.module.skip_stack(*args, residual=residual, **kwargs)
+
+    def refresh(self) -> None:
+        """Read the hooks' masks again (after a change of schedule): `skip` for the conditional branch and
+        for branches without a schedule of their own, `skip_by_branch` for those with one."""
+        self.skip = fully_skipped_steps(self.hooks)
+        own = {branch for h in self.hooks for branch in h.branches}
+        self.skip_by_branch = {branch: fully_skipped_steps(self.hooks, branch) for branch in own}
 
     def _summed(self, branch: str) -> list[Forecaster] | None:
         """One Forecaster per group of blocks whose stored points sit at the same t, holding their summed
