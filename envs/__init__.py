@@ -60,6 +60,12 @@ def make_env_from_spec(spec: dict):
     """Re-create an env from its `spec_dict()` (stored with datasets and in checkpoint configs)."""
     if not isinstance(spec, dict) or "name" not in spec:
         raise ValueError(f"not an env spec (a dict from env.spec_dict()): {spec!r}")
+    if "instruction_table" in spec:  # observations carry the instruction embedding (envs/instruction_obs.py)
+        from envs.instruction_obs import with_instructions
+        from policy_accel.instructions import InstructionTable
+
+        inner = {k: v for k, v in spec.items() if k != "instruction_table"}
+        return with_instructions(make_env_from_spec(inner), InstructionTable.from_dict(spec["instruction_table"]))
     if spec.get("family") == "robosuite":
         from envs.robosuite_tasks import RobosuiteTask
 

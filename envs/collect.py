@@ -30,6 +30,7 @@ class CollectConfig:
     out: str | None = None
     action_mode: str = "delta"  # robosuite: "delta" (OSC deltas) | "abs" (absolute eef pose targets)
     rotations: str = "quat"  # robosuite: orientations in the observation, "quat" | "rot6d"
+    instructions: bool = False  # append the instruction embedding to every obs (envs/instruction_obs.py)
     overwrite: bool = False
     max_attempts: int | None = None
     steps_after_success: int = 10
@@ -42,6 +43,7 @@ def derived_seed(env_seed: int, stream: int) -> int:
 
 def noise_free_dims(env, act_dim: int) -> list[int]:
     """Action dims that get no DART noise: the gripper (last dim) on robot arms."""
+    env = env.unwrapped  # through an observation wrapper (envs/instruction_obs.py)
     if hasattr(env, "noise_free_dims"):
         return list(env.noise_free_dims)
     return [] if env.name in envs.PUSH2D_TASKS else [act_dim - 1]
@@ -51,11 +53,11 @@ def run_episode(env, expert, env_seed: int, noise: float = 0.0, steps_after_succ
     """One expert episode. Returns dict(obs, action, success, success_step, instruction);
     obs[t] is the observation the clean action[t] was computed from; actions in the env's mode."""
     obs, info = env.reset(seed=env_seed)
-    instruction = getattr(env, "instruction", "")
+    instruction = getattr(env.unwrapped, "instruction", "")
     expert.reset(seed=derived_seed(env_seed, 1))
     rng = np.random.default_rng(derived_seed(env_seed, 2))
-    to_env = getattr(env, "action_from_delta", None)  # robosuite experts act in OSC deltas
-    max_steps = getattr(env, "horizon", None) or 10_000
+    to_env = getattr(env.unwrapped, "action_from_delta", None)  # robosuite experts act in OSC deltas
+    max_steps = getattr(env.unwrapped, "horizon", None) or 10_000
     obs_list, act_list, success_step, noisy = [], [], None, None
     for t in range(max_steps):
         action = np.asarray(expert.act(obs), dtype=np.float32)
@@ -80,7 +82,8 @@ def run_episode(env, expert, env_seed: int, noise: float = 0.0, steps_after_succ
 
 def collect(env: str, episodes: int, seed: int = 0, noise: float = 0.05, out=None, overwrite: bool = False,
             max_attempts: int | None = None, steps_after_success: int = 10, command: str = "",
-            progress: bool = True, action_mode: str = "delta", rotations: str = "quat") -> Path:
+            progress: bool = True, action_mode: str = "delta", rotations: str = "quat",
+            instructions: bool = False) -> Path:
     """Collect `episodes` successful demos of env `env`; returns the dataset path."""
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
@@ -90,14 +93,14 @@ def collect(env: str, episodes: int, seed: int = 0, noise: float = 0.05, out=Non
                   if v != {"action_mode": "delta", "rotations": "quat"}[k]}
     if env_kwargs and env not in envs.ROBOSUITE_TASKS:
         raise ValueError(f"{env_kwargs} exist for the robosuite tasks only, not {env!r}")
-    suffix = "".join(f"_{v}" for v in env_kwargs.values())  # e.g. data/can_abs_rot6d.zarr
+    suffix = "".join(f"_{v}" for v in env_kwargs.values()) + ("_lang" if instructions else "")  # can_abs_rot6d
     out = Path(out) if out else Path("data") / f"{env.replace(':', '_')}{suffix}.zarr"
     max_attempts = max_attempts or 2 * episodes
     out.parent.mkdir(parents=True, exist_ok=True)
     writer = DatasetWriter(out, overwrite=overwrite)  # fails fast if `out` exists
     try:
         attrs = _collect_into(writer, env, env_kwargs, episodes, seed, noise, max_attempts, steps_after_success,
-                              progress)
+                              progress, instructions)
     except BaseException:  # including Ctrl-C: leave no partial dataset behind
         writer.abort()
         raise
@@ -105,9 +108,14 @@ def collect(env: str, episodes: int, seed: int = 0, noise: float = 0.05, out=Non
 
 
 def _collect_into(writer, env_name, env_kwargs, episodes, seed, noise, max_attempts, steps_after_success,
-                  progress) -> dict:
-    env = envs.make_env(env_name, **env_kwargs)
+                  progress, instructions=False) -> dict:
+    told_by_language = instructions and env_name in envs.METAWORLD_SETS  # no one-hot task id beside the instruction
+    env = envs.make_env(env_name, **env_kwargs, **({"task_onehot": False} if told_by_language else {}))
     expert = envs.make_expert(env_name, env)
+    if instructions:  # the expert acts on the inner env's state; the recorded obs carry the embedding
+        from envs.instruction_obs import with_instructions
+
+        env = with_instructions(env)
     seeds, failures, instructions = [], [], []
     bar = tqdm(total=episodes, desc=f"collect {env_name}", disable=not progress)
     for i in range(max_attempts):

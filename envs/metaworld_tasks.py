@@ -5,7 +5,8 @@
     env.reset(seed=0, options={"task": 3})   # or picks one by index or name
 
 Observation: Meta-World's 39-dim vector (hand, gripper, objects, previous frame, goal), plus
-a one-hot task id for multi-task sets. `env.instruction` is the current task's sentence.
+a one-hot task id for multi-task sets (task_onehot=False: none, for policies told the task by
+instruction). `env.instruction` is the current task's sentence, `env.instructions` every task's.
 """
 
 import importlib.metadata
@@ -46,7 +47,8 @@ def instruction_for(task: str) -> str:
 class MetaWorldEnv(gym.Env):
     metadata = {"render_modes": ["rgb_array"]}
 
-    def __init__(self, name: str, tasks: list[str], horizon: int = 500, render_mode: str | None = None):
+    def __init__(self, name: str, tasks: list[str], horizon: int = 500, render_mode: str | None = None,
+                 task_onehot: bool = True):
         for t in tasks:
             if t not in ALL_V3_ENVIRONMENTS:
                 raise ValueError(f"unknown Meta-World task {t!r}; valid: {', '.join(ALL_V3_ENVIRONMENTS)}")
@@ -54,8 +56,9 @@ class MetaWorldEnv(gym.Env):
             raise ValueError(f"horizon must be in [1, 500] (Meta-World's max_path_length), got {horizon}")
         self.name, self.tasks, self.horizon = name, list(tasks), int(horizon)
         self.render_mode = render_mode
+        self.task_onehot = bool(task_onehot) and len(self.tasks) > 1  # off: the task is told by instruction only
         self.obs_layout = list(MW_OBS_LAYOUT)
-        if len(self.tasks) > 1:
+        if self.task_onehot:
             self.obs_layout.append(("task_onehot", len(self.tasks)))
         obs_dim = sum(n for _, n in self.obs_layout)
         self.observation_space = gym.spaces.Box(-np.inf, np.inf, (obs_dim,), np.float32)
@@ -68,7 +71,10 @@ class MetaWorldEnv(gym.Env):
         self._t = 0
 
     def spec_dict(self) -> dict:
-        return {"name": self.name, "family": "metaworld", "tasks": self.tasks, "kwargs": {"horizon": self.horizon},
+        kwargs = {"horizon": self.horizon}
+        if len(self.tasks) > 1 and not self.task_onehot:
+            kwargs["task_onehot"] = False
+        return {"name": self.name, "family": "metaworld", "tasks": self.tasks, "kwargs": kwargs,
                 "obs_layout": [list(x) for x in self.obs_layout], "action_dim": 4,
                 "metaworld_version": importlib.metadata.version("metaworld")}
 
@@ -112,9 +118,13 @@ class MetaWorldEnv(gym.Env):
 
     def _obs(self, mw_obs) -> np.ndarray:
         obs = np.asarray(mw_obs, dtype=np.float32)
-        if len(self.tasks) > 1:
+        if self.task_onehot:
             obs = np.concatenate([obs, np.eye(len(self.tasks), dtype=np.float32)[self.task_index]])
         return obs
+
+    @property
+    def instructions(self) -> list[str]:
+        return [instruction_for(t) for t in self.tasks]
 
     def _info(self, success: bool) -> dict:
         return {"success": success, "task": self.task, "task_index": self.task_index}

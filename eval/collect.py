@@ -2,6 +2,7 @@
 
     python eval/collect.py env=lift episodes=200 seed=0 [noise=0.05] [out=data/lift.zarr] [overwrite=true]
     python eval/collect.py env=can episodes=200 seed=0 action_mode=abs rotations=rot6d  (-> data/can_abs_rot6d.zarr)
+    python eval/collect.py env=mt10 episodes=500 seed=0 instructions=true  (-> data/mt10_lang.zarr; needs '.[lang]')
 
 Same command -> identical data.
 """
@@ -20,10 +21,11 @@ def main(cfg: CollectConfig) -> Path:
     command = (f"python eval/collect.py env={cfg.env} episodes={cfg.episodes} seed={cfg.seed} noise={cfg.noise}"
                + (f" steps_after_success={cfg.steps_after_success}" if cfg.steps_after_success != 10 else "")
                + (f" action_mode={cfg.action_mode}" if cfg.action_mode != "delta" else "")
-               + (f" rotations={cfg.rotations}" if cfg.rotations != "quat" else ""))
+               + (f" rotations={cfg.rotations}" if cfg.rotations != "quat" else "")
+               + (" instructions=true" if cfg.instructions else ""))
     path = collect(cfg.env, cfg.episodes, cfg.seed, cfg.noise, cfg.out, cfg.overwrite, cfg.max_attempts,
                    cfg.steps_after_success, command=command, action_mode=cfg.action_mode,
-                   rotations=cfg.rotations)
+                   rotations=cfg.rotations, instructions=cfg.instructions)
     print(f"wrote {path}")
     return path
 
