@@ -80,6 +80,8 @@ class TrainConfig:
     # denoiser architecture: fields of the model's config (DPTransformerConfig), e.g. n_layer, n_emb,
     # p_drop_attn; what is not given keeps that config's default. configs/train.yaml spells out the recipe.
     model: dict[str, Any] = field(default_factory=dict)
+    model_type: str = "dp_t"  # a registered denoiser family: dp_t | flow_expert | action_dit
+    guidance_scale: float | None = None  # classifier-free guidance at sampling (a model with a null condition)
 
     def __post_init__(self):
         self.dataset = self.dataset or f"data/{self.env}.zarr"
@@ -95,9 +97,13 @@ class TrainConfig:
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
 
     def policy_config(self, obs_dim: int, action_dim: int, info: dict) -> PolicyConfig:
+        model = dict(self.model)
+        layout = info.get("obs_layout") or []
+        if self.model_type != "dp_t" and layout and layout[-1][0] == "instruction":  # its own prefix token
+            model.setdefault("instruction_dim", int(layout[-1][1]))
         return PolicyConfig(obs_dim=obs_dim, action_dim=action_dim, horizon=self.horizon,
                             n_obs_steps=self.n_obs_steps, n_action_steps=self.n_action_steps,
-                            model=dict(self.model),
+                            model=model, model_type=self.model_type, guidance_scale=self.guidance_scale,
                             sampler=SamplerConfig(self.sampler, self.sampler_steps, self.num_train_steps), info=info)
 
 

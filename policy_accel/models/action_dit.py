@@ -151,7 +151,8 @@ class ActionDiT(nn.Module):
     def config_for(cls, obs_dim: int, action_dim: int, horizon: int, n_obs_steps: int, arch: dict) -> ActionDiTConfig:
         """Config for flat observations: `arch` holds mode and sizes; GR00T's state is the latest observation."""
         fixed = dict(obs_dim=obs_dim, action_dim=action_dim, horizon=horizon, n_obs_steps=n_obs_steps)
-        fixed |= {"state_dim": obs_dim} if arch.get("mode", "groot_n15") == "groot_n15" else {}
+        state = obs_dim - arch.get("instruction_dim", 0)
+        fixed |= {"state_dim": state} if arch.get("mode", "groot_n15") == "groot_n15" else {}
         return family_config(ActionDiTConfig, "action_dit", fixed, arch)
 
     def __init__(self, config: ActionDiTConfig):
@@ -161,8 +162,10 @@ class ActionDiT(nn.Module):
         self.prediction = "velocity" if self.groot else "epsilon"
         C, T, E, D = cfg.width, cfg.horizon, cfg.num_embodiments, cfg.cross_attention_dim
         if self.groot:
-            if cfg.obs_dim:
-                self.obs_proj = nn.Linear(cfg.obs_dim, D)  # stand-in VLM: obs step -> one VL token
+            if cfg.obs_dim:  # stand-in VLM: obs step -> one VL token (and the instruction -> one, first)
+                self.obs_proj = nn.Linear(cfg.obs_dim - cfg.instruction_dim, D)
+                if cfg.instruction_dim:
+                    self.instruction_proj = nn.Linear(cfg.instruction_dim, D)
             self.timestep_encoder = TimestepEncoder(C)
             self.transformer_blocks = nn.ModuleList(
                 Block(Attention(C, cfg.num_heads, cfg.head_dim, kv_dim=None if i % 2 else D, norm="ada",

@@ -20,6 +20,7 @@ class ActionDiTConfig:
     dropout: float = 0.0  # branch-output dropout (GR00T upstream: 0.2; CogACT: 0)
     obs_dim: int = 0  # > 0: flat observations (B, n_obs_steps, obs_dim) through `obs_proj` (models/stand_ins.py)
     n_obs_steps: int = 1
+    instruction_dim: int = 0  # > 0: the last instruction_dim obs dims are an instruction embedding (GR00T: own token)
     # GR00T N1.5
     cross_attention_dim: int = 64  # VL token width (backbone_embedding_dim)
     hidden_size: int = 64  # DiT output_dim = state-encoder / action-decoder hidden width
@@ -50,6 +51,9 @@ class ActionDiTConfig:
             raise ValueError(f"horizon {self.horizon} exceeds the position table (max_seq_len {self.max_seq_len})")
         if groot and self.adaln_zero:
             raise ValueError("adaln_zero is a CogACT-mode switch; GR00T N1.5 uses AdaLayerNorm on attention only")
+        if self.instruction_dim and not 0 < self.instruction_dim < self.obs_dim:
+            raise ValueError(f"instruction_dim {self.instruction_dim} must be below obs_dim {self.obs_dim} "
+                             "(the observation is [state ; instruction embedding])")
         if not 0 <= self.class_dropout_prob < 1 or not 0 <= self.dropout < 1:
             raise ValueError("dropout probabilities must be in [0, 1)")
 

@@ -51,10 +51,14 @@ class FlowExpertConfig:
     prefix_width: int = 960  # the VLM's text-transformer width and MLP (the stand-in's, and the profile's)
     prefix_mlp_dim: int = 2560
     state_dim: int = 0  # π0 only: the state token's input (from obs: the current observation)
+    instruction_dim: int = 0  # > 0: the last instruction_dim obs dims are an instruction embedding (own token)
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"unknown flow expert mode {self.mode!r}; expected one of {MODES}")
+        if self.instruction_dim and not 0 < self.instruction_dim < self.obs_dim:
+            raise ValueError(f"instruction_dim {self.instruction_dim} must be below obs_dim {self.obs_dim} "
+                             "(the observation is [state ; instruction embedding])")
         check_positive(self, ("action_dim", "horizon", "n_layer", "width", "n_head", "n_kv_head", "head_dim",
                               "mlp_dim", "self_attn_every_n_layers", "prefix_len", "n_obs_steps", "prefix_width",
                               "prefix_mlp_dim"))
@@ -261,7 +265,7 @@ class FlowExpert(nn.Module):
         """A flow expert over the stand-in prefix encoder of `n_obs_steps` observations of `obs_dim` (π0: the
         current observation is also the state token); `arch` holds mode and sizes (width, n_layer, ...)."""
         fixed = dict(obs_dim=obs_dim, action_dim=action_dim, horizon=horizon, n_obs_steps=n_obs_steps)
-        fixed |= {"state_dim": obs_dim} if arch.get("mode") == "pi0" else {}
+        fixed |= {"state_dim": obs_dim - arch.get("instruction_dim", 0)} if arch.get("mode") == "pi0" else {}
         return family_config(FlowExpertConfig, "flow_expert", fixed, arch)
 
     def __init__(self, config: FlowExpertConfig):

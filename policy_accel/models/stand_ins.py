@@ -4,10 +4,13 @@
 and, for profiling at real size with random weights, a prefix / condition of the upstream length.
 
     flow experts (SmolVLA / π0 / π0.5): PrefixEncoder, one token per obs step through n_layer layers of the
-        VLM's text-transformer shape (prefix_width, prefix_mlp_dim), keeping each layer's K/V = a Prefix
+        VLM's text-transformer shape (prefix_width, prefix_mlp_dim), keeping each layer's K/V = a Prefix;
+        with `instruction_dim`, the instruction embedding at the end of the obs gets a token of its own, first:
+        [instruction ; state_1 .. state_To]
     action DiTs: action_dit_inputs, `obs_proj` (a Linear owned by the model) maps each obs step to one VL token
-        (GR00T N1.5; the latest observation is also the state) or the flattened history to the cognition
-        feature (CogACT)
+        (GR00T N1.5; the latest observation is also the state; with `instruction_dim`, `instruction_proj` adds
+        the instruction's own VL token first, and the VL self-attention runs over [instruction ; states]) or
+        the flattened history, instruction included, to the cognition feature (CogACT)
 """
 
 import torch
@@ -35,18 +38,31 @@ class PrefixEncoder(nn.Module):
         super().__init__()
         style = "llama" if cfg.mode == "smolvla" else "gemma"
         self.cfg = cfg
-        self.embed = nn.Linear(cfg.obs_dim, cfg.prefix_width)
+        self.embed = nn.Linear(cfg.obs_dim - cfg.instruction_dim, cfg.prefix_width)
+        if cfg.instruction_dim:
+            self.instruction_proj = nn.Linear(cfg.instruction_dim, cfg.prefix_width)
         self.layers = nn.ModuleList(Layer(cfg, cfg.prefix_width, cfg.prefix_mlp_dim, style) for _ in range(cfg.n_layer))
 
     def forward(self, obs: torch.Tensor) -> Prefix:
         cfg = self.cfg
         if obs.ndim != 3 or obs.shape[1:] != (cfg.n_obs_steps, cfg.obs_dim):
             raise ValueError(f"obs condition must be (B, {cfg.n_obs_steps}, {cfg.obs_dim}), got {tuple(obs.shape)}")
-        B, To, _ = obs.shape
-        rope = rope_table(torch.arange(To, device=obs.device)[None], cfg.head_dim, cfg.rope_max_wavelength)
-        kv = collect_kv(self.layers, self.embed(obs), rope, None)
-        return Prefix(kv, torch.ones(B, To, dtype=torch.bool, device=obs.device),
-                      obs[:, -1] if cfg.mode == "pi0" else None)
+        state, instruction = split_instruction(obs, cfg.instruction_dim)
+        tokens = self.embed(state)  # (B, To, W)
+        if instruction is not None:
+            tokens = torch.cat([self.instruction_proj(instruction)[:, None], tokens], dim=1)  # (B, 1 + To, W)
+        B, L = tokens.shape[:2]
+        rope = rope_table(torch.arange(L, device=obs.device)[None], cfg.head_dim, cfg.rope_max_wavelength)
+        kv = collect_kv(self.layers, tokens, rope, None)
+        return Prefix(kv, torch.ones(B, L, dtype=torch.bool, device=obs.device),
+                      state[:, -1] if cfg.mode == "pi0" else None)
+
+
+def split_instruction(obs: torch.Tensor, instruction_dim: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """obs (B, To, state + instruction) -> states (B, To, state), the latest instruction (B, instruction) or None."""
+    if not instruction_dim:
+        return obs, None
+    return obs[..., :-instruction_dim], obs[:, -1, -instruction_dim:]
 
 
 def action_dit_inputs(model, obs: torch.Tensor) -> dict:
@@ -59,5 +75,9 @@ def action_dit_inputs(model, obs: torch.Tensor) -> dict:
         raise ValueError(f"cond must be (B, {cfg.n_obs_steps}, {cfg.obs_dim}), got {tuple(obs.shape)}")
     if not model.groot:
         return {"cognition_features": model.obs_proj(obs.flatten(1))[:, None]}
-    return {"backbone_features": model.obs_proj(obs), "state": obs[:, -1:],
+    state, instruction = split_instruction(obs, cfg.instruction_dim)
+    vl = model.obs_proj(state)  # (B, To, D)
+    if instruction is not None:
+        vl = torch.cat([model.instruction_proj(instruction)[:, None], vl], dim=1)  # (B, 1 + To, D)
+    return {"backbone_features": vl, "state": state[:, -1:],
             "embodiment_id": torch.zeros(len(obs), dtype=torch.long, device=obs.device)}
