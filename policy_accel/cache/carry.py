@@ -81,6 +81,14 @@ class CarryCache(CacheHandle):
     def batch_coupled(self) -> bool:
         return self.inner.batch_coupled
 
+    @property
+    def hooks(self):
+        return self.inner.hooks
+
+    @property
+    def stack(self):  # the inner cache's StackShortcut (None without one)
+        return self.inner.stack
+
     def _recorder(self, name: str):
         def record(module, args, output):
             clock = self.clock
