@@ -5,7 +5,7 @@ and (for BAC and MagCache) the checkpoint's calibrated file, found by name.
     pa.accelerate(policy, "ddim10")                    # step reduction only
     pa.remove_acceleration(policy)                     # back to the native sampler, no cache
 
-Grammar: [compile+ | carry<E>[r<R>]+]<method>[@ddim<K>]
+Grammar: [compile+ | carry<E>[r<R>][f]+]<method>[@ddim<K>]
 
     uncached                 the checkpoint's native sampler (DDPM-100 for DP-T), no cache
     ddim10                   DDIM with 10 steps (step reduction, the baseline frontier)
@@ -26,7 +26,8 @@ Grammar: [compile+ | carry<E>[r<R>]+]<method>[@ddim<K>]
     compile+<method>         the method with each block's computation compiled
     carry0.2+uniform10@ddim10  cross-chunk reuse (cache/carry.py): blocks whose step-0 output moves by <= 0.2
                              from a chunk to the next (<checkpoint>/schedules/carry_ddim10.json) start from the
-                             previous chunk's on all but every 2nd chunk (r3: 3rd); uniform / taylorseer only
+                             previous chunk's on all but every 2nd chunk (r3: 3rd); uniform / taylorseer only;
+                             one noise draw per episode (f: fresh noise every chunk, as without carry)
 
 Each family is one registered `Recipe`: a pattern and a function building its config; a new family
 touches nothing else. BAC files live at <checkpoint>/schedules/<schedule_name(...)>.json, MagCache's at
@@ -129,7 +130,7 @@ class Method:
     params: dict
     base_steps: int | None  # DDIM steps underneath (None: the native sampler)
     compiled: bool = False
-    carry: tuple[float, int] | None = None  # cross-chunk reuse: (error threshold, refresh)
+    carry: tuple[float, int, bool] | None = None  # cross-chunk reuse: (error threshold, refresh, episode noise)
 
     @property
     def recipe(self) -> Recipe:
@@ -187,7 +188,8 @@ class Method:
                                  f"{checkpoint_hash[:12]}; make it again with: "
                                  f"{self.calibrate_command(checkpoint_dir, native)}")
             base = self.recipe.build(self.params, None, False)
-            return CarryConfig(base, carry_pattern(errors.errors, self.carry[0]), refresh=self.carry[1])
+            return CarryConfig(base, carry_pattern(errors.errors, self.carry[0]), refresh=self.carry[1],
+                               episode_noise=self.carry[2])
         return self.recipe.build(self.params, None if path is None else str(path), self.compiled)
 
 
@@ -205,10 +207,10 @@ def parse_method(spec: str) -> Method:
         raise TypeError(f"a method string must be a str, got {type(spec).__name__}")
     compiled = spec == "compile" or spec.startswith("compile+")
     rest = "uncached" if spec == "compile" else spec.removeprefix("compile+")
-    carry = re.match(r"carry(\d+\.\d+)(?:r(\d+))?\+", rest)
+    carry = re.match(r"carry(\d+\.\d+)(?:r(\d+))?(f)?\+", rest)
     if carry:
         rest = rest[carry.end():]
-        carry = (float(carry.group(1)), int(carry.group(2) or 2))
+        carry = (float(carry.group(1)), int(carry.group(2) or 2), not carry.group(3))
         if carry[1] < 2:
             raise ValueError(f"method {spec!r}: the carry refresh must be >= 2")
         if compiled:

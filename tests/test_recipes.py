@@ -90,13 +90,17 @@ def test_pooled_budget_method_strings_name_their_file_and_reject_what_does_not_a
 
 def test_carry_method_strings_pick_the_calibrated_blocks_and_refuse_what_does_not_combine(lift, tmp_path):
     m = parse_method("carry0.1r3+uniform10@ddim10")
-    assert (m.name, m.carry, m.base_steps) == ("carry+uniform", (0.1, 3), 10)
+    assert (m.name, m.carry, m.base_steps) == ("carry+uniform", (0.1, 3, True), 10)
+    assert parse_method("carry0.1f+uniform10@ddim10").carry == (0.1, 2, False)
     assert m.file(lift.path, lift.sampler).name == "carry_ddim10.json"
     assert "carry=true sampler=ddim steps=10" in m.calibrate_command(lift.path, lift.sampler)
     handle = pa.accelerate(lift, "carry0.1+uniform10@ddim10")
     measured = CarryErrors.load(m.file(lift.path, lift.sampler)).errors
     assert {h.info.name for h in handle.carried} == {n for n, e in measured.items() if e <= 0.1}
     assert lift.episode_noise and handle.config.refresh == 2
+    pa.remove_acceleration(lift)
+    pa.accelerate(lift, "carry0.1f+uniform10@ddim10")
+    assert not lift.episode_noise and isinstance(lift.cache, pa.cache.CarryCache)
     pa.remove_acceleration(lift)
     assert not lift.episode_noise and lift.cache is None
     for bad, why in [("carry0.1+bac10", "uniform and taylorseer"), ("compile+carry0.1+uniform5", "do not combine"),
