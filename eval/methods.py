@@ -12,10 +12,10 @@ __all__ = ["Method", "apply_method", "parse_method", "schedule_digest"]
 
 
 def schedule_digest(method: Method, checkpoint_dir: str | Path, native: SamplerConfig) -> str | None:
-    """sha256 of the schedule (or MagCache ratios) file a method reads; None for methods without one.
+    """sha256 of the schedule (or MagCache ratios) files a method reads; None for methods without one.
     Results made with another file of the same name must not be merged with new ones."""
-    path = method.file(checkpoint_dir, native)
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path is not None and path.is_file() else None
+    paths = [p for p in method.files(checkpoint_dir, native) if p.is_file()]
+    return hashlib.sha256(b"".join(p.read_bytes() for p in paths)).hexdigest() if paths else None
 
 
 class _Remover:

@@ -134,10 +134,11 @@ def check_schedules(cfg: SweepConfig) -> None:
 
     native = PolicyConfig.from_dict(json.loads((Path(cfg.checkpoint) / "config.json").read_text())).sampler
     missing = {}
-    for m in map(parse_method, cfg.methods):
-        path = m.file(cfg.checkpoint, native)
-        if path is not None and not path.is_file():
-            missing[path] = m.calibrate_command(cfg.checkpoint, native)
+    for method in map(parse_method, cfg.methods):
+        for m in [method, method.uncond] if method.uncond else [method]:
+            path = m.file(cfg.checkpoint, native)
+            if path is not None and not path.is_file():
+                missing[path] = m.calibrate_command(cfg.checkpoint, native)
     if missing:
         raise SystemExit(f"{len(missing)} schedule(s) missing for this sweep; make them with:\n  "
                          + "\n  ".join(sorted(set(missing.values()))))

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from policy_accel.cache import BACConfig, CacheHandle, CarryConfig, attach
+from policy_accel.cache import BACConfig, CacheHandle, CarryConfig, PerBranchConfig, attach
 from policy_accel.cache.stats import CacheStats
 from policy_accel.recipes import parse_method
 
@@ -39,6 +39,9 @@ def accelerate(policy, config, *, allow_unbound: bool = False, checkpoint_dir=No
     if policy.compiled_model is not None:
         raise RuntimeError("the whole denoiser is compiled (policy.compile()): call policy.compile(False) and "
                            "set compile=True in the method config instead (per-block compile, no recompiles)")
+    if isinstance(config, PerBranchConfig) and policy.config.guidance_scale is None:
+        raise ValueError(f"{config.tag}: a per-branch config needs classifier-free guidance, and this policy has "
+                         "none (guidance_scale=None): there is no unconditional branch")
     if isinstance(config, BACConfig) and config.schedule is None:
         if not config.observations:
             raise ValueError(f"{type(config).__name__}(budget={config.budget}) needs calibration observations=[...] "
@@ -56,7 +59,7 @@ def accelerate(policy, config, *, allow_unbound: bool = False, checkpoint_dir=No
 
 def _accelerate_recipe(policy, method, checkpoint_dir, allow_unbound) -> CacheHandle | None:
     checkpoint_dir = checkpoint_dir or policy.path
-    if checkpoint_dir is None and method.recipe.file is not None:
+    if checkpoint_dir is None and method.reads_file:
         raise ValueError(f"method {method.spec!r} reads a calibrated file from the policy's checkpoint, but this "
                          "policy was not loaded from one: pass checkpoint_dir=")
     native = policy.config.sampler

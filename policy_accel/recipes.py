@@ -5,7 +5,7 @@ and (for BAC and MagCache) the checkpoint's calibrated file, found by name.
     pa.accelerate(policy, "ddim10")                    # step reduction only
     pa.remove_acceleration(policy)                     # back to the native sampler, no cache
 
-Grammar: [compile+ | carry<E>[r<R>][f]+]<method>[@ddim<K>]
+Grammar: [compile+ | carry<E>[r<R>][f]+]<method>[/<method>][@ddim<K>]
 
     uncached                 the checkpoint's native sampler (DDPM-100 for DP-T), no cache
     ddim10                   DDIM with 10 steps (step reduction, the baseline frontier)
@@ -28,12 +28,15 @@ Grammar: [compile+ | carry<E>[r<R>][f]+]<method>[@ddim<K>]
                              from a chunk to the next (<checkpoint>/schedules/carry_ddim10.json) start from the
                              previous chunk's on all but every 2nd chunk (r3: 3rd); uniform / taylorseer only;
                              one noise draw per episode (f: fresh noise every chunk, as without carry)
+    uniform2/uniform5@ddim10 classifier-free guidance, each branch on its own schedule: the conditional one
+                             before the '/', the unconditional one after (our static-schedule methods only)
 
 Each family is one registered `Recipe`: a pattern and a function building its config; a new family
 touches nothing else. BAC files live at <checkpoint>/schedules/<schedule_name(...)>.json, MagCache's at
 <checkpoint>/schedules/magcache_<sampler><steps>.json (both made by `python eval/calibrate.py`).
 """
 
+import dataclasses
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -53,6 +56,7 @@ from policy_accel.cache.peers import mag_ratios_name
 from policy_accel.sampling import SamplerConfig
 
 BUBBLE_BLOCKS = 5
+STATIC_FAMILIES = ("every_step", "uniform", "taylorseer", "bac", "bac_taylor")  # per-branch capable
 DIFFUSERS_WARMUP = 3
 
 
@@ -131,6 +135,7 @@ class Method:
     base_steps: int | None  # DDIM steps underneath (None: the native sampler)
     compiled: bool = False
     carry: tuple[float, int, bool] | None = None  # cross-chunk reuse: (error threshold, refresh, episode noise)
+    uncond: "Method | None" = None  # the unconditional guidance branch's method, when it has its own
 
     @property
     def recipe(self) -> Recipe:
@@ -139,9 +144,10 @@ class Method:
     @property
     def name(self) -> str:
         """The `method` field of results: uncached, ddim, uniform, ..., compile, compile+bac."""
+        family = f"{self.family}/{self.uncond.family}" if self.uncond else self.family
         if self.compiled:
-            return "compile" if self.family == "uncached" else f"compile+{self.family}"
-        return f"carry+{self.family}" if self.carry else self.family
+            return "compile" if self.family == "uncached" else f"compile+{family}"
+        return f"carry+{family}" if self.carry else family
 
     def sampler(self, native: SamplerConfig) -> SamplerConfig:
         steps = self.params["steps"] if self.family == "ddim" else self.base_steps
@@ -149,8 +155,18 @@ class Method:
             return native
         return SamplerConfig(kind="ddim", num_steps=steps, num_train_steps=native.num_train_steps)
 
+    @property
+    def reads_file(self) -> bool:
+        """Whether this method reads a calibrated file from the checkpoint."""
+        return bool(self.carry) or self.recipe.file is not None or (self.uncond is not None and self.uncond.reads_file)
+
+    def files(self, checkpoint_dir, native: SamplerConfig) -> list[Path]:
+        """Every calibrated file this method reads (both guidance branches' when each has its own)."""
+        own = [f for f in [self.file(checkpoint_dir, native)] if f is not None]
+        return own + (self.uncond.files(checkpoint_dir, native) if self.uncond else [])
+
     def file(self, checkpoint_dir, native: SamplerConfig) -> Path | None:
-        """The calibrated file this method reads (None for methods without one)."""
+        """The calibrated file this method (its conditional branch) reads (None for methods without one)."""
         if self.carry:
             from policy_accel.cross_chunk import carry_file_name
 
@@ -190,7 +206,12 @@ class Method:
             base = self.recipe.build(self.params, None, False)
             return CarryConfig(base, carry_pattern(errors.errors, self.carry[0]), refresh=self.carry[1],
                                episode_noise=self.carry[2])
-        return self.recipe.build(self.params, None if path is None else str(path), self.compiled)
+        config = self.recipe.build(self.params, None if path is None else str(path), self.compiled)
+        if self.uncond is not None:
+            from policy_accel.cache import PerBranchConfig
+
+            return PerBranchConfig(config, self.uncond.config(checkpoint_dir, native, checkpoint_hash))
+        return config
 
 
 def _value(key: str, v: str | None):
@@ -222,11 +243,28 @@ def parse_method(spec: str) -> Method:
         if not m:
             raise ValueError(f"method {spec!r}: only '@ddim<K>' may follow a method, got '@{base}'")
         base_steps = int(m.group(1))
+    cond, slash, uncond = body.partition("/")
+    if not slash:
+        return _parse_body(spec, body, base_steps, compiled, carry)
+    if carry:
+        raise ValueError(f"method {spec!r}: carry and per-branch schedules do not combine")
+    if not (cond and uncond) or "/" in uncond:
+        raise ValueError(f"method {spec!r}: a per-branch method is '<cond method>/<uncond method>', e.g. "
+                         "'uniform2/uniform5@ddim10'")
+    branches = [_parse_body(spec, b, base_steps, compiled, None) for b in (cond, uncond)]
+    for b in branches:
+        if b.family not in STATIC_FAMILIES:
+            raise ValueError(f"method {spec!r}: each guidance branch takes one of our static-schedule methods "
+                             f"({', '.join(STATIC_FAMILIES)}), got {b.family}")
+    return dataclasses.replace(branches[0], uncond=branches[1])
+
+
+def _parse_body(spec: str, body: str, base_steps: int | None, compiled: bool, carry) -> Method:
     for family, recipe in RECIPES.items():
         m = re.fullmatch(recipe.pattern, body)
         if not m:
             continue
-        if recipe.build is None and base:
+        if recipe.build is None and base_steps:
             raise ValueError(f"method {spec!r}: '@ddim' combines with cache methods only")
         if compiled and not recipe.ours:
             raise ValueError(f"method {spec!r}: compile combines with our methods only")

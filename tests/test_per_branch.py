@@ -86,3 +86,38 @@ def test_bad_per_branch_configs_name_the_problem():
     with pytest.raises(ValueError, match="per-branch schedules"):
         family.attach(pa.CarryConfig(pa.PerBranchConfig(pa.UniformConfig(2), pa.UniformConfig(4)), carry=".*"))
     assert not family.clock.listeners
+
+
+def test_per_branch_method_strings_set_each_branch_and_refuse_what_does_not_apply():
+    from policy_accel.recipes import parse_method
+    from tests.conftest import make_dp_t_policy
+    from tests.test_cache_vla import OBS, vla_policy
+
+    m = parse_method("uniform2/taylorseer5o1@ddim10")
+    assert (m.name, m.params["interval"], m.base_steps) == ("uniform/taylorseer", 2, 10)
+    assert (m.uncond.family, m.uncond.params["interval"], m.uncond.params["order"]) == ("taylorseer", 5, 1)
+    for bad, why in [("uniform2/diffusers_fbc0.1", "static-schedule"), ("uniform2/", "'<cond method>/<uncond"),
+                     ("uniform2/uniform3/uniform4", "'<cond method>/<uncond"), ("ddim10/uniform2", "static-schedule"),
+                     ("carry0.1+uniform2/uniform5", "do not combine")]:
+        with pytest.raises(ValueError, match=why):
+            parse_method(bad)
+    with pytest.raises(ValueError, match="needs classifier-free guidance"):
+        pa.accelerate(make_dp_t_policy(), "uniform2/uniform5")
+
+    policy = vla_policy("cogact")  # guided DDIM-10: cond computes on steps 0,2,4,6,8, uncond on 0,5
+    obs = OBS[0][None]
+
+    def actions(method):
+        pa.remove_acceleration(policy)
+        if method != "uncached":
+            pa.accelerate(policy, method)
+        policy.seed(7)
+        return torch.as_tensor(policy.predict_action_chunk(obs))
+
+    uncached, same = actions("uncached"), actions("uniform2")
+    actions("uniform2/uniform5")  # (its chunk differs: test_every_step_on_both_branches_... above)
+    assert isinstance(policy.cache.config, pa.PerBranchConfig)
+    for stats in policy.cache.stats().blocks.values():
+        assert (stats.computed, stats.skipped) == (5 + 2, 5 + 8)
+    torch.testing.assert_close(actions("every_step/every_step"), uncached, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(actions("uniform2/uniform2"), same, rtol=1e-5, atol=1e-6)
