@@ -157,6 +157,10 @@ def _init_segment(policy: Policy, path: str, policy_config: PolicyConfig) -> dic
     """Load a checkpoint's weights and normalisers into `policy` and return the segment that records
     where the run started (with the checkpoint's own segments as its history)."""
     source = load_policy(path, device="cpu")
+    weights = source.model.state_dict()
+    if source.config.horizon != policy_config.horizon:
+        weights = _shorter_horizon(source, policy_config.horizon, path)
+        source.config = dataclasses.replace(source.config, horizon=policy_config.horizon)
     if _arch(source.config.to_dict()) != _arch(policy_config.to_dict()):
         raise ValueError(f"init_from={path}: its config.json describes another policy than this run\n"
                          f" checkpoint: {_arch(source.config.to_dict())}\n run: {_arch(policy_config.to_dict())}")
@@ -170,10 +174,22 @@ def _init_segment(policy: Policy, path: str, policy_config: PolicyConfig) -> dic
             raise ValueError(f"init_from={path}: its {name} differs from this dataset's by up to "
                              f"{gap.max():.1%} of a dimension's range; the checkpoint was trained on other data")
         ours.load_state_dict(theirs.state_dict())
-    policy.model.load_state_dict(source.model.state_dict())
+    policy.model.load_state_dict(weights)
     steps = int(source.config.info.get("train_steps") or 0)
     return {"from_step": 0, "steps": 0, "precision": "-", "init_from": str(path), "init_train_steps": steps,
             "history": source.config.info.get("train_segments") or []}
+
+
+def _shorter_horizon(source: Policy, horizon: int, path: str) -> dict:
+    """The weights of a causal DP-T for a shorter horizon: its first `horizon` outputs depend only on its
+    first `horizon` action tokens (causal self-attention; position-wise cross-attention masks, norms and
+    MLPs), so cutting the position embeddings gives the same function on those positions, exactly."""
+    if source.config.model_type != "dp_t" or not source.model.config.causal_attn or horizon > source.config.horizon:
+        raise ValueError(f"init_from={path}: horizon {source.config.horizon} -> {horizon}: only a causal DP-T "
+                         "warm-starts a shorter horizon (its first outputs do not see the later tokens)")
+    weights = source.model.state_dict()
+    weights["pos_emb"] = weights["pos_emb"][:, :horizon].clone()
+    return weights
 
 
 @contextlib.contextmanager

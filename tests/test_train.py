@@ -193,6 +193,26 @@ def test_init_from_warm_starts_from_a_shipped_checkpoint(dataset_path, tmp_path)
         train(tiny(other, tmp_path / "otherdata", init_from=str(shipped)))
 
 
+def test_init_from_a_causal_dp_t_warm_starts_a_shorter_horizon_exactly(dataset_path, tmp_path):
+    shipped = train(tiny(dataset_path, tmp_path / "h8", export_dir=str(tmp_path / "ship8")))
+    long = pa.load_policy(shipped)
+    short = pa.load_policy(train(tiny(dataset_path, tmp_path / "h6", horizon=6, steps=1, lr=0.0, warmup_steps=0,
+                                      init_from=str(shipped))))
+    assert short.config.horizon == 6
+    torch.manual_seed(0)
+    x, t, cond = torch.randn(3, 8, 2), torch.tensor([0, 2, 4]), torch.randn(3, 2, 4)
+    with torch.no_grad():  # a token never sees the tokens after it: the first 6 outputs are the short model's
+        expected = long.model(x, t, long.model.prepare(cond))[:, :6]
+        torch.testing.assert_close(short.model(x[:, :6], t, short.model.prepare(cond)), expected)
+    with pytest.raises(ValueError, match="only a causal DP-T"):
+        train(tiny(dataset_path, tmp_path / "h10", horizon=10, init_from=str(shipped)))
+    acausal = train(tiny(dataset_path, tmp_path / "nc", export_dir=str(tmp_path / "ship_nc"),
+                         model=dict(n_layer=1, n_head=2, n_emb=16, causal_attn=False)))
+    with pytest.raises(ValueError, match="only a causal DP-T"):
+        train(tiny(dataset_path, tmp_path / "nc6", horizon=6, init_from=str(acausal),
+                   model=dict(n_layer=1, n_head=2, n_emb=16, causal_attn=False)))
+
+
 def test_a_run_carries_across_sittings_through_an_fp16_snapshot(dataset_path, tmp_path):
     snap = tmp_path / "ship" / "in_training"
     train(tiny(dataset_path, tmp_path / "first", snapshot_dir=str(snap), export_dir=None))
