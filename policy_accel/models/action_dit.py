@@ -258,7 +258,9 @@ class ActionDiT(nn.Module):
             if self.training and self.config.class_dropout_prob > 0:  # CogACT's condition dropout
                 drop = torch.rand(len(z), device=z.device) < self.config.class_dropout_prob
                 z = torch.where(drop[:, None, None], self.z_embedder.uncondition, z)
-            null = self.z_embedder.linear(self.z_embedder.uncondition)[None]  # (1, 1, C)
+            # a copy, not the Parameter itself, as the module's input (grads still flow when enabled): FLOP
+            # counting without grad cannot hook a leaf that requires grad
+            null = self.z_embedder.linear(self.z_embedder.uncondition.clone())[None]  # (1, 1, C)
             ctx = ActionDiTContext(self.z_embedder.linear(z), null=null)
         if timesteps is not None:
             times = self._sampling_times(timesteps, ctx.prefix.device)  # (K,)
