@@ -1,8 +1,8 @@
 """Meta-World v3 tasks (metaworld 3.1.1) behind the common env interface.
 
     make_metaworld_env("mw:push-v3")   # one task, goal observable, random start per seed
-    make_metaworld_env("mt10")         # each episode samples one of the MT10 tasks;
-    env.reset(seed=0, options={"task": 3})   # or picks one by index or name
+    make_metaworld_env("mt10")         # task = seed mod 10 (balanced over any 10 consecutive seeds);
+    env.reset(seed=0, options={"task": 3})   # or picks one by index or name (unseeded resets draw one)
 
 Observation: Meta-World's 39-dim vector (hand, gripper, objects, previous frame, goal), plus
 a one-hot task id for multi-task sets (task_onehot=False: none, for policies told the task by
@@ -107,7 +107,10 @@ class MetaWorldEnv(gym.Env):
         # draw both numbers every time so that the start does not depend on whether a task was given
         drawn_task = int(self.np_random.integers(len(self.tasks)))
         sub_seed = int(self.np_random.integers(2**31 - 1))
-        self.task_index = self._resolve_task(options["task"]) if "task" in options else drawn_task
+        if "task" in options:
+            self.task_index = self._resolve_task(options["task"])
+        else:
+            self.task_index = drawn_task if seed is None else self.task_index_of_seed(seed)
         self.task = self.tasks[self.task_index]
         self.instruction = instruction_for(self.task)
         self._env = self._task_env(self.task)
@@ -121,6 +124,10 @@ class MetaWorldEnv(gym.Env):
         if self.task_onehot:
             obs = np.concatenate([obs, np.eye(len(self.tasks), dtype=np.float32)[self.task_index]])
         return obs
+
+    def task_index_of_seed(self, seed: int) -> int:
+        """The task a seeded reset runs: seed mod the number of tasks."""
+        return int(seed) % len(self.tasks)
 
     @property
     def instructions(self) -> list[str]:

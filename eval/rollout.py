@@ -175,10 +175,26 @@ def success_row(policy, venv, method, seeds: list[int], checkpoint, progress: bo
             remover.remove()
     low, high = wilson_interval(len(wins), len(seeds))
     loop = {"async_loop": dict(runner.stats)} if hasattr(runner, "stats") else {}
-    return {"policy": Path(checkpoint).name, "task": venv.envs[0].unwrapped.name, "method": method.name,
+    env = venv.envs[0].unwrapped
+    return {"policy": Path(checkpoint).name, "task": env.name, "method": method.name,
             "setting": method.spec, "n_episodes": len(seeds), "successes": len(wins),
             "success_rate": len(wins) / len(seeds), "ci_low": low, "ci_high": high,
-            "failed_seeds": sorted(set(seeds) - set(wins)), "success_wall_s": time.perf_counter() - start, **loop}
+            "failed_seeds": sorted(set(seeds) - set(wins)), "success_wall_s": time.perf_counter() - start,
+            **per_task(env, seeds, wins), **loop}
+
+
+def per_task(env, seeds: list[int], wins: list[int]) -> dict:
+    """On a multi-task set (MT10): {"per_task": {task: [successes, episodes]}}, the task of each seed as the
+    env runs it; {} on a single task."""
+    if len(getattr(env, "tasks", [])) < 2:
+        return {}
+    counts = {t: [0, 0] for t in env.tasks}
+    won = set(wins)
+    for s in seeds:
+        c = counts[env.tasks[env.task_index_of_seed(s)]]
+        c[0] += s in won
+        c[1] += 1
+    return {"per_task": counts}
 
 
 def latency_fields(policy, methods: list, checkpoint, histories: list[np.ndarray], rounds: int, repeats: int,
@@ -248,7 +264,7 @@ def format_table(rows: list[dict]) -> str:
 
     if any("latency_ms_p50" not in r for r in rows):  # latency=false: success only
         return "\n".join(f"{r['setting']:<22}{r['successes']:>6}/{r['n_episodes']:<3}{r['success_rate']:>6.0%}"
-                         f"  [{r['ci_low']:.2f}, {r['ci_high']:.2f}]" for r in rows)
+                         f"  [{r['ci_low']:.2f}, {r['ci_high']:.2f}]" for r in rows) + per_task_table(rows)
 
     head = (f"{'method':<22}{'success':>10}{'rate':>6}{'95% CI':>14}{'p50 ms':>9}{'p95':>8}{'p99':>8}{'max':>8}"
             f"{'ctrl Hz':>9}{'speedup':>9}{'FLOPs':>7}")
@@ -259,6 +275,18 @@ def format_table(rows: list[dict]) -> str:
                      f"{r['latency_ms_p50']:>9.1f}{r['latency_ms_p95']:>8.1f}{r['latency_ms_p99']:>8.1f}"
                      f"{r['latency_ms_max']:>8.1f}{r['control_hz']:>9.1f}{ratio(r['speedup']):>9}"
                      f"{ratio(r['flops_ratio']):>7}")
+    return "\n".join(lines) + per_task_table(rows)
+
+
+def per_task_table(rows: list[dict]) -> str:
+    """Success per task and method on a multi-task set ("" otherwise)."""
+    rows = [r for r in rows if "per_task" in r]
+    if not rows:
+        return ""
+    lines = ["", f"{'task':<26}" + "".join(f"{r['setting'][:24]:>25}" for r in rows)]
+    for task in rows[0]["per_task"]:
+        cells = ("{}/{}".format(*r["per_task"][task]) for r in rows)
+        lines.append(f"{task:<26}" + "".join(f"{c:>25}" for c in cells))
     return "\n".join(lines)
 
 

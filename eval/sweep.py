@@ -227,6 +227,9 @@ def merge(cfg: SweepConfig, run_dir: Path, shards: list[list[int]], lat: dict) -
                    failed_seeds=sorted(s for p in parts for s in p["failed_seeds"]),
                    success_hosts=sorted({p["host"] for p in parts}), **lat["fields"][spec],
                    latency_host=lat["machine"]["host"], latency_machine=lat["machine"])
+        if "per_task" in parts[0]:  # a multi-task set: success per task, summed over the shards
+            row["per_task"] = {t: [sum(p["per_task"][t][i] for p in parts) for i in (0, 1)]
+                               for t in parts[0]["per_task"]}
         rows.append(row)
     add_ratios(rows)
     summary = Path(cfg.results_dir) / "summary.jsonl"

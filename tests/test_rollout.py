@@ -82,6 +82,17 @@ class HalfExpertPolicy(ExpertPolicy):
         return actions
 
 
+def test_multi_task_rows_break_success_down_by_the_task_each_seed_runs():
+    from eval.rollout import per_task
+
+    mt10 = envs.make_env("mt10", task_onehot=False)
+    seeds = list(range(100000, 100020))  # seed mod 10: two episodes of every task
+    counts = per_task(mt10, seeds, wins=[100000, 100010, 100003])
+    assert counts == {"per_task": {t: [{0: 2, 3: 1}.get(i, 0), 2] for i, t in enumerate(mt10.tasks)}}
+    assert mt10.reset(seed=100003)[1]["task"] == mt10.tasks[3]  # what the env really runs
+    assert per_task(envs.make_env("push2d"), seeds, [100000]) == {}
+
+
 def test_envs_hold_after_success_and_mixed_batches_finish():
     spec = envs.make_env("push2d").spec_dict()
     venv = rollout.make_vector_env(spec, 4)
