@@ -35,6 +35,16 @@ test-all: $(STAMP)
 rollout: $(STAMP)
 	$(PY) eval/rollout.py
 
+# MT10 instruction-conditioned VLA policies (issue 25): make train-mt10_flow_expert / train-mt10_action_dit
+MT10_STEPS ?= 8000
+MT10_DENOISER_flow_expert := pi05_small
+MT10_DENOISER_action_dit := cogact_small
+train-mt10_%: $(STAMP) data/mt10_lang.zarr
+	nice -n 10 $(PY) eval/train.py env=mt10 dataset=data/mt10_lang.zarr denoiser=$(MT10_DENOISER_$*) \
+		out_dir=runs/mt10_$* export_dir=checkpoints/mt10_$* snapshot_dir=checkpoints/mt10_$*/in_training \
+		steps=$(MT10_STEPS) save_every=500 num_threads=1 progress=false \
+		$(if $(wildcard checkpoints/mt10_$*/in_training/model.safetensors),init_from=checkpoints/mt10_$*/in_training)
+
 # After `python eval/train.py env=<task>`: the schedules configs/sweep.yaml needs, the card's
 # 100-episode rollout, and the card.  make -j2 ship-lift  (calibration and rollout run side by side;
 # needs data/<task>.zarr and runs/<task>_dp_t; rerun after an interruption: finished parts are kept)

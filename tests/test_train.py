@@ -260,6 +260,12 @@ def test_cli_config_overrides():
         compose(TrainConfig, "train", ["nope=1"])
     with pytest.raises(SystemExit, match="steps must be >= 1"):
         compose(TrainConfig, "train", ["steps=0"])
+    assert (cfg.model_type, cfg.sampler, cfg.sampler_steps, cfg.guidance_scale) == ("dp_t", "ddpm", 100, None)
+    flow = compose(TrainConfig, "train", ["env=mt10", "denoiser=pi05_small", "model.n_layer=2"])
+    assert (flow.model_type, flow.model["mode"], flow.model["n_layer"]) == ("flow_expert", "pi05", 2)
+    dit = compose(TrainConfig, "train", ["env=mt10", "denoiser=cogact_small"])
+    assert (dit.model_type, dit.model["mode"], dit.sampler, dit.guidance_scale) == ("action_dit", "cogact", "ddim", 1.5)
+    assert "n_emb" not in flow.model and "n_emb" not in dit.model  # nothing of DP-T's architecture leaks in
 
 
 def rollout(act, n=20, steps=150):
