@@ -33,6 +33,7 @@ from eval.methods import Method, apply_method, parse_method  # noqa: E402
 from eval.report import FAMILY_STYLE  # noqa: E402
 from policy_accel.calibration import demo_observations  # noqa: E402
 from policy_accel.jsonfile import write_json  # noqa: E402
+from policy_accel.recipes import STEP_FAMILIES  # noqa: E402
 
 
 @dataclass
@@ -56,9 +57,9 @@ class FidelityConfig:
 
 def base_of(method: Method) -> str:
     """The uncached setting a method's cache error is measured against."""
-    if method.family == "ddim":
+    if method.family in STEP_FAMILIES:
         return method.spec
-    return f"ddim{method.base_steps}" if method.base_steps else "uncached"
+    return f"{method.base_kind}{method.base_steps}" if method.base_steps else "uncached"
 
 
 def action_error(actions: np.ndarray, reference: np.ndarray) -> dict:

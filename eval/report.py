@@ -16,6 +16,7 @@ frontier a caching method has to beat.
 
 import json
 import math
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +24,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python eval/report.py` from the repo root
 
 from eval.cli import hydra_app  # noqa: E402
+from policy_accel.recipes import STEP_FAMILIES  # noqa: E402
 
 FAMILY_STYLE = {  # method family -> (colour, marker)
-    "uncached": ("black", "s"), "ddim": ("black", "o"), "lossless": ("grey", "D"),
+    "uncached": ("black", "s"), "ddim": ("black", "o"), "flow": ("black", "o"), "lossless": ("grey", "D"),
     "uniform": ("tab:orange", "v"), "taylorseer": ("tab:green", "^"), "bac": ("tab:blue", "<"),
     "bac_taylor": ("tab:red", "*"), "diffusers_taylorseer": ("tab:purple", "P"), "every_step": ("grey", "x"),
     "diffusers_fbc": ("tab:cyan", "h"), "diffusers_magcache": ("tab:brown", "X"), "compile": ("tab:pink", "d"),
@@ -41,7 +43,7 @@ def load_rows(summary) -> list[dict]:
 
 def frontier(rows: list[dict]) -> list[dict]:
     """Uncached + DDIM-K rows sorted by latency."""
-    return sorted((r for r in rows if r["method"] in ("uncached", "ddim")), key=lambda r: r["latency_ms_p50"])
+    return sorted((r for r in rows if r["method"] in ("uncached", *STEP_FAMILIES)), key=lambda r: r["latency_ms_p50"])
 
 
 def zoom_floor(rows: list[dict]) -> float:
@@ -80,7 +82,7 @@ def plot_task(summary, task: str, out_dir) -> Path:
     for ax, zoomed in zip(axes, (False, True), strict=True):
         if line:
             ax.plot([r["latency_ms_p50"] for r in line], [r["success_rate"] for r in line], "-", color="black",
-                    alpha=0.6, label="step reduction (DDPM-100 / DDIM-K)", zorder=1)
+                    alpha=0.6, label="step reduction (uncached / fewer steps)", zorder=1)
         seen = set()
         for r in rows:
             family = r["method"].removeprefix("compile+")
@@ -106,7 +108,7 @@ def plot_task(summary, task: str, out_dir) -> Path:
     fig.suptitle(f"{task}: success vs control-loop latency ({rows[0]['policy']}, {n} episodes per point)")
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=7, title_fontsize=7,
-               title="open markers: on DDIM-K or compiled")
+               title="open markers: on fewer steps or compiled")
     out = Path(out_dir) / f"pareto_{task}.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout(rect=(0, 0.1, 1, 1))
@@ -115,12 +117,17 @@ def plot_task(summary, task: str, out_dir) -> Path:
     return out
 
 
+def _steps(row: dict) -> int:
+    """K of a step-reduction row (ddimK / flowK)."""
+    return int(re.fullmatch(r"[a-z]+(\d+)", row["setting"]).group(1))
+
+
 def full_calls(rows: list[dict]) -> dict[str, float]:
     """Per setting, the denoiser's FLOPs per chunk in full-call equivalents: DDIM-K's FLOPs over K is one call."""
-    ref = min((r for r in rows if r["method"] == "ddim"), key=lambda r: int(r["setting"][4:]), default=None)
+    ref = min((r for r in rows if r["method"] in STEP_FAMILIES), key=_steps, default=None)
     if ref is None:
-        raise ValueError("full-call equivalents need a DDIM-K row (ddim1, ddim2, ...) in the same run")
-    per_call = ref["flops_per_chunk"] / int(ref["setting"][4:])
+        raise ValueError("full-call equivalents need a step-reduction row (ddim1, flow2, ...) in the same run")
+    per_call = ref["flops_per_chunk"] / _steps(ref)
     return {r["setting"]: r["flops_per_chunk"] / per_call for r in rows}
 
 
@@ -145,9 +152,9 @@ def plot_calls(summary, task: str, out_dir) -> Path:
     calls, delays = full_calls(rows), delay_results(out_dir, task)
     fig, axes = plt.subplots(1, 2 if delays else 1, figsize=(15 if delays else 9, 6.5), squeeze=False)
     ax = axes[0][0]
-    line = sorted((r for r in rows if r["method"] == "ddim"), key=lambda r: calls[r["setting"]])
+    line = sorted((r for r in rows if r["method"] in STEP_FAMILIES), key=lambda r: calls[r["setting"]])
     ax.plot([calls[r["setting"]] for r in line], [r["success_rate"] for r in line], "-", color="black", alpha=0.6,
-            label="DDIM-K (K full calls)")
+            label="fewer steps (K steps: K full calls)")
     seen = set()
     for r in rows:
         if r["setting"] == "uncached":
@@ -197,7 +204,7 @@ def headline_table(rows: list[dict]) -> str:
         mine = [r for r in rows if r["task"] == task]
         base = next((r for r in mine if r["setting"] == "uncached"), None)
         picks = [base] if base else []
-        for family in ("compile", "ddim", "uniform", "taylorseer", "bac", "bac_taylor",
+        for family in ("compile", *STEP_FAMILIES, "uniform", "taylorseer", "bac", "bac_taylor",
                        "diffusers_taylorseer", "diffusers_fbc", "diffusers_magcache", "compile+bac",
                        "compile+bac_taylor"):
             fam = [r for r in mine if r["method"] == family]
@@ -256,7 +263,7 @@ def main(cfg: ReportConfig) -> None:
     rows = load_rows(cfg.summary)
     for task in sorted({r["task"] for r in rows}):
         print(f"wrote {plot_task(cfg.summary, task, cfg.out_dir)}")
-        if any(r["task"] == task and r["method"] == "ddim" for r in rows):
+        if any(r["task"] == task and r["method"] in STEP_FAMILIES for r in rows):
             print(f"wrote {plot_calls(cfg.summary, task, cfg.out_dir)}")
     if cfg.table:
         print(headline_table(rows))

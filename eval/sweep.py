@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python eval/swe
 from eval.cli import hydra_app  # noqa: E402
 from eval.methods import parse_method, schedule_digest  # noqa: E402
 from policy_accel.jsonfile import write_json  # noqa: E402
+from policy_accel.recipes import STEP_FAMILIES  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -267,7 +268,7 @@ def main(cfg: SweepConfig) -> list[dict]:
 
         summary = Path(cfg.results_dir) / "summary.jsonl"
         print(f"wrote {plot_task(summary, rows[0]['task'], cfg.results_dir)}")
-        if any(r["method"] == "ddim" for r in rows):
+        if any(r["method"] in STEP_FAMILIES for r in rows):
             print(f"wrote {plot_calls(summary, rows[0]['task'], cfg.results_dir)}")
     return rows
 

@@ -5,10 +5,11 @@ and (for BAC and MagCache) the checkpoint's calibrated file, found by name.
     pa.accelerate(policy, "ddim10")                    # step reduction only
     pa.remove_acceleration(policy)                     # back to the native sampler, no cache
 
-Grammar: [compile+ | carry<E>[r<R>][f]+]<method>[/<method>][@ddim<K>]
+Grammar: [compile+ | carry<E>[r<R>][f]+]<method>[/<method>][@ddim<K> | @flow<K>]
 
     uncached                 the checkpoint's native sampler (DDPM-100 for DP-T), no cache
     ddim10                   DDIM with 10 steps (step reduction, the baseline frontier)
+    flow5                    the same for a flow-matching policy: 5 Euler steps
     every_step               hooks on every block, all compute (measures the hook overhead)
     uniform5                 reuse, all blocks refresh every 5 steps
     taylorseer4o2            Taylor forecast (order 2), uniform refresh every 4 steps
@@ -21,7 +22,7 @@ Grammar: [compile+ | carry<E>[r<R>][f]+]<method>[/<method>][@ddim<K>]
     diffusers_fbc0.05        diffusers' First Block Cache on whole layers, threshold 0.05 (dynamic)
     diffusers_magcache0.06   diffusers' MagCache, threshold 0.06, at most 3 skips in a row (k9: 9),
                              no skips in the first 20% of the steps (r0.05: 5%)
-    <method>@ddim20          the same on top of DDIM-20
+    <method>@ddim20          the same on top of DDIM-20 (@flow5: of 5 Euler steps, for flow-matching policies)
     compile / compile+ddim10 torch.compile of the whole denoiser (one graph)
     compile+<method>         the method with each block's computation compiled
     carry0.2+uniform10@ddim10  cross-chunk reuse (cache/carry.py): blocks whose step-0 output moves by <= 0.2
@@ -56,6 +57,7 @@ from policy_accel.cache.peers import mag_ratios_name
 from policy_accel.sampling import SamplerConfig
 
 BUBBLE_BLOCKS = 5
+STEP_FAMILIES = ("ddim", "flow")  # step reduction alone: the frontier every cache is compared with
 STATIC_FAMILIES = ("every_step", "uniform", "taylorseer", "bac", "bac_taylor")  # per-branch capable
 DIFFUSERS_WARMUP = 3
 
@@ -104,6 +106,7 @@ def _bac_args(p, s):
 for _r in [
     Recipe("uncached", r"uncached", None),
     Recipe("ddim", r"ddim(?P<steps>\d+)", None),
+    Recipe("flow", r"flow(?P<steps>\d+)", None),
     Recipe("every_step", r"every_step", lambda p, f, c: EveryStepConfig(compile=c)),
     Recipe("uniform", r"uniform(?P<interval>\d+)", lambda p, f, c: UniformConfig(p["interval"], compile=c)),
     Recipe("taylorseer", r"taylorseer(?P<interval>\d+)o(?P<order>\d+)",
@@ -132,10 +135,11 @@ class Method:
     spec: str
     family: str
     params: dict
-    base_steps: int | None  # DDIM steps underneath (None: the native sampler)
+    base_steps: int | None  # sampler steps underneath (None: the native sampler)
     compiled: bool = False
     carry: tuple[float, int, bool] | None = None  # cross-chunk reuse: (error threshold, refresh, episode noise)
     uncond: "Method | None" = None  # the unconditional guidance branch's method, when it has its own
+    base_kind: str = "ddim"  # the sampler underneath: ddim (epsilon models) or flow (velocity models)
 
     @property
     def recipe(self) -> Recipe:
@@ -150,10 +154,13 @@ class Method:
         return f"carry+{family}" if self.carry else family
 
     def sampler(self, native: SamplerConfig) -> SamplerConfig:
-        steps = self.params["steps"] if self.family == "ddim" else self.base_steps
-        if steps is None:
+        if self.family in STEP_FAMILIES:
+            kind, steps = self.family, self.params["steps"]
+        elif self.base_steps is not None:
+            kind, steps = self.base_kind, self.base_steps
+        else:
             return native
-        return SamplerConfig(kind="ddim", num_steps=steps, num_train_steps=native.num_train_steps)
+        return SamplerConfig(kind=kind, num_steps=steps, num_train_steps=native.num_train_steps)
 
     @property
     def reads_file(self) -> bool:
@@ -237,15 +244,15 @@ def parse_method(spec: str) -> Method:
         if compiled:
             raise ValueError(f"method {spec!r}: compile and carry do not combine (carry keeps state across chunks)")
     body, _, base = rest.partition("@")
-    base_steps = None
+    base_steps, base_kind = None, "ddim"
     if base:
-        m = re.fullmatch(r"ddim(\d+)", base)
+        m = re.fullmatch(r"(ddim|flow)(\d+)", base)
         if not m:
-            raise ValueError(f"method {spec!r}: only '@ddim<K>' may follow a method, got '@{base}'")
-        base_steps = int(m.group(1))
+            raise ValueError(f"method {spec!r}: only '@ddim<K>' or '@flow<K>' may follow a method, got '@{base}'")
+        base_kind, base_steps = m.group(1), int(m.group(2))
     cond, slash, uncond = body.partition("/")
     if not slash:
-        return _parse_body(spec, body, base_steps, compiled, carry)
+        return dataclasses.replace(_parse_body(spec, body, base_steps, compiled, carry), base_kind=base_kind)
     if carry:
         raise ValueError(f"method {spec!r}: carry and per-branch schedules do not combine")
     if not (cond and uncond) or "/" in uncond:
@@ -256,7 +263,8 @@ def parse_method(spec: str) -> Method:
         if b.family not in STATIC_FAMILIES:
             raise ValueError(f"method {spec!r}: each guidance branch takes one of our static-schedule methods "
                              f"({', '.join(STATIC_FAMILIES)}), got {b.family}")
-    return dataclasses.replace(branches[0], uncond=branches[1])
+    return dataclasses.replace(branches[0], uncond=dataclasses.replace(branches[1], base_kind=base_kind),
+                               base_kind=base_kind)
 
 
 def _parse_body(spec: str, body: str, base_steps: int | None, compiled: bool, carry) -> Method:
@@ -265,7 +273,7 @@ def _parse_body(spec: str, body: str, base_steps: int | None, compiled: bool, ca
         if not m:
             continue
         if recipe.build is None and base_steps:
-            raise ValueError(f"method {spec!r}: '@ddim' combines with cache methods only")
+            raise ValueError(f"method {spec!r}: '@ddim' / '@flow' combine with cache methods only")
         if compiled and not recipe.ours:
             raise ValueError(f"method {spec!r}: compile combines with our methods only")
         params = {k: _value(k, v) for k, v in m.groupdict().items()}

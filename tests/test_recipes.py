@@ -65,7 +65,7 @@ def test_a_missing_schedule_lists_what_exists_and_how_to_make_it(lift):
 
 
 def test_bad_method_strings_raise_clear_errors():
-    for bad, match in [("fast", "unknown method"), ("ddim10@ddim20", "combines with cache methods only"),
+    for bad, match in [("fast", "unknown method"), ("ddim10@ddim20", "combine with cache methods only"),
                        ("uniform4@ddpm50", "only '@ddim<K>'"), ("compile+diffusers_fbc0.1", "our methods only"),
                        ("bac_taylor4o2f", "needs order 1")]:
         with pytest.raises(ValueError, match=match):
@@ -74,6 +74,23 @@ def test_bad_method_strings_raise_clear_errors():
     with pytest.raises(ValueError, match="not loaded from one"):
         pa.accelerate(policy, "bac10")
     assert pa.accelerate(policy, "uniform3") is policy.cache  # no file needed
+
+
+def test_flow_matching_policies_reduce_euler_steps_with_flow_k():
+    native = pa.SamplerConfig("flow", 10)
+    assert parse_method("flow4").sampler(native) == pa.SamplerConfig("flow", 4, native.num_train_steps)
+    m = parse_method("bac3nb@flow5")
+    assert m.sampler(native) == pa.SamplerConfig("flow", 5, native.num_train_steps) and m.base_kind == "flow"
+    assert m.file("ckpt", native).name == "bac_s3_b0_flow5.json"
+    assert "sampler=flow steps=5" in m.calibrate_command("ckpt", native)
+    both = parse_method("uniform2/uniform4@flow6")
+    assert both.sampler(native).kind == both.uncond.sampler(native).kind == "flow"
+    with pytest.raises(ValueError, match="'@flow<K>'"):
+        parse_method("uniform2@euler5")
+    with pytest.raises(ValueError, match="combine with cache methods only"):
+        parse_method("flow4@flow8")
+    with pytest.raises(ValueError, match="predicts"):  # flow steps on an epsilon model: refused by the policy
+        pa.accelerate(make_dp_t_policy(), "flow4")
 
 
 def test_pooled_budget_method_strings_name_their_file_and_reject_what_does_not_apply(lift):

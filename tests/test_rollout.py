@@ -345,6 +345,18 @@ def test_sweep_end_to_end_on_ray_is_resumable_and_writes_schema(tmp_path, capsys
     assert settings == ["bac3nb", "ddim5", "taylorseer4o1", "uncached", "uniform4"]
 
 
+def test_full_call_equivalents_take_one_call_from_the_fewest_step_row_of_ddim_or_flow():
+    from eval.report import full_calls
+
+    for kind in ("ddim", "flow"):
+        rows = [dict(method=kind, setting=f"{kind}4", flops_per_chunk=40.0),
+                dict(method=kind, setting=f"{kind}2", flops_per_chunk=20.4),  # the reference: 10.2 per call
+                dict(method="uniform", setting=f"uniform5@{kind}10", flops_per_chunk=21.42)]
+        assert full_calls(rows) == pytest.approx({f"{kind}4": 40 / 10.2, f"{kind}2": 2.0, f"uniform5@{kind}10": 2.1})
+    with pytest.raises(ValueError, match="step-reduction row"):
+        full_calls([dict(method="uniform", setting="uniform5", flops_per_chunk=1.0)])
+
+
 def test_frontier_table_compares_each_caching_point_with_the_best_step_reduction_no_slower():
     from eval.report import frontier_table
 
