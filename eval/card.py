@@ -25,6 +25,11 @@ class CardConfig:
     checkpoint: str = "checkpoints/lift_dp_t"
     run_dir: str = "runs/lift_dp_t"  # where training wrote log.jsonl
     rollout: str = "eval/results/rollout_lift.json"
+    train_command: str | None = None  # how it was trained, if not `python eval/train.py env=<env>`
+
+
+FAMILIES = {"dp_t": "DP-T diffusion policy", "flow_expert": "flow-matching action expert (π0 / π0.5 / SmolVLA style)",
+            "action_dit": "action DiT (GR00T / CogACT style)"}
 
 
 def training_hours(log_path: Path) -> float:
@@ -113,10 +118,14 @@ def render(cfg: CardConfig) -> str:
     if "uncached" not in rows:
         raise SystemExit(f"{cfg.rollout} has no uncached row")
     params = sum(p.numel() for p in policy.model.parameters())
+    mode = f", mode {pc.model['mode']}" if "mode" in pc.model else ""
+    guidance = f", classifier-free guidance scale {pc.guidance_scale:g}" if pc.guidance_scale else ""
+    train_command = (f"`{cfg.train_command}`" if cfg.train_command else
+                     f"`python eval/train.py env={info['env']}` (configs/train.yaml)")
     lines = [
         f"# {Path(cfg.checkpoint).name}",
         "",
-        f"DP-T ({pc.model_type}) diffusion policy for `{info['env']}`, low-dim state "
+        f"{FAMILIES[pc.model_type]} ({pc.model_type}{mode}{guidance}) for `{info['env']}`, low-dim observation "
         f"({pc.obs_dim} dims: {', '.join(f'{n} {d}' for n, d in info.get('obs_layout') or [])}), "
         f"{pc.action_dim}-dim actions. {params / 1e6:.1f} M parameters "
         f"({json.dumps(pc.model)}), horizon {pc.horizon}, {pc.n_obs_steps} observation steps, "
@@ -128,7 +137,7 @@ def render(cfg: CardConfig) -> str:
         f"demonstrations (seeds from 0), {info.get('n_windows')} training windows.",
         "",
         "## Training",
-        f"- `python eval/train.py env={info['env']}` (configs/train.yaml): {info.get('train_steps')} steps, "
+        f"- {train_command}: {info.get('train_steps')} steps, "
         f"{training_hours(Path(cfg.run_dir) / 'log.jsonl'):.1f} h of compute{_run_scope(info)} on this 2-core CPU "
         "(1-2 threads, at times sharing the machine with other jobs; includes steps redone after restarts).",
         *_segment_lines(info.get("train_segments") or []),
@@ -143,11 +152,24 @@ def render(cfg: CardConfig) -> str:
         speed = f"{r['speedup']:.1f}x" if r.get("speedup") else "-"
         lines.append(f"| {r['setting']} | {r['successes']}/{r['n_episodes']} | "
                      f"[{r['ci_low']:.2f}, {r['ci_high']:.2f}] | {r['latency_ms_p50']:.0f} | {speed} |")
+    lines += per_task_lines(summary["results"])
     m = summary["machine"]
     load = f", load average {m['load_avg_1m']:.1f} on {m['cores']} cores" if "load_avg_1m" in m else ""
     lines += ["", f"Test seeds {summary['seeds'][0]}..{summary['seeds'][1]} (disjoint from the demo seeds); "
               f"latency at batch 1 on {m['cpu']}, {m['threads']} thread(s){load}."]
     return "\n".join(lines + schedule_lines(Path(cfg.checkpoint) / "schedules")) + "\n"
+
+
+def per_task_lines(rows: list[dict]) -> list[str]:
+    """On a multi-task set: success per task (columns: the rollout's settings)."""
+    rows = [r for r in rows if "per_task" in r]
+    if not rows:
+        return []
+    lines = ["", "Per task:", "", "| task | " + " | ".join(r["setting"] for r in rows) + " |",
+             "|---|" + "---|" * len(rows)]
+    for task in rows[0]["per_task"]:
+        lines.append(f"| {task} | " + " | ".join("{}/{}".format(*r["per_task"][task]) for r in rows) + " |")
+    return lines
 
 
 def schedule_lines(folder: Path) -> list[str]:

@@ -161,6 +161,10 @@ def test_rollout_end_to_end_on_push2d_writes_summary(tmp_path):
     assert "| `schedules/bac_s2_b0_ddpm20.json` | DDPM-20 | 2 | 0 | reuse (cosine) | 12.5% | 0.50 |" in text
     assert "`schedules/magcache_ddpm20.json`" in text
     assert "steps 0-" not in text  # one stretch: nothing to say
+    assert "DP-T diffusion policy (dp_t) for `push2d`" in text and "Per task" not in text
+    multi = [dict(setting=m, per_task={"reach-v3": [3, 5], "push-v3": [k, 5]})
+             for m, k in (("uncached", 1), ("flow2", 0))]
+    assert card.per_task_lines(multi)[-3:] == ["|---|---|---|", "| reach-v3 | 3/5 | 3/5 |", "| push-v3 | 1/5 | 0/5 |"]
     assert card._segment_lines([{"from_step": 0, "steps": 100, "precision": "fp32"},
                                 {"from_step": 100, "steps": 200, "precision": "bf16"}]) == [
         "  - steps 0-100: `steps=100 precision=fp32` (LR schedule over 100 steps)",
