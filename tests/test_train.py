@@ -266,7 +266,8 @@ def test_cli_config_overrides():
     dit = compose(TrainConfig, "train", ["env=mt10", "denoiser=cogact_small"])
     assert (dit.model_type, dit.model["mode"], dit.sampler, dit.guidance_scale) == ("action_dit", "cogact", "ddim", 1.5)
     assert "n_emb" not in flow.model and "n_emb" not in dit.model  # nothing of DP-T's architecture leaks in
-    assert (cfg.lr, dit.lr, compose(TrainConfig, "train", ["denoiser=cogact_small", "lr=2e-4"]).lr) == (1e-4, 5e-4, 2e-4)
+    own_lr = compose(TrainConfig, "train", ["denoiser=cogact_small", "lr=2e-4"]).lr
+    assert (cfg.lr, dit.lr, own_lr) == (1e-4, 5e-4, 2e-4)  # the family's LR beats the default, the command line both
 
 
 def rollout(act, n=20, steps=150):
