@@ -132,3 +132,29 @@ def test_a_static_schedule_chunk_compiles_to_one_graph_and_matches_eager(name):
         assert graphs <= 2
         torch.testing.assert_close(compiled(*inputs[0]), eager[0], rtol=1e-6, atol=1e-6)
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+@pytest.mark.parametrize("name", ["cogact", "groot_n15"])
+def test_diffusers_first_block_cache_runs_on_the_action_dits_whole_layers(name):
+    """Threshold 0 never skips (the uncached chunk); an infinite one skips every layer but the first after step 0
+    (on each guidance branch): the same chunk as our reuse with layer 0's blocks on every step, the rest on 0."""
+    family = make_family(name)
+    cond, noise = family.inputs(1)
+    uncached = family.chunk(cond, noise)
+    for threshold, steps_after_layer_0 in [(0.0, range(family.sampler.num_steps)), (1e9, [0])]:
+        handle = family.attach(pa.DiffusersFBCConfig(threshold=threshold))
+        theirs = family.chunk(cond, noise)
+        handle.remove()
+        steps = {b.name: list(range(family.sampler.num_steps)) if b.layer == 0 else list(steps_after_layer_0)
+                 for b in pa.find_blocks(family.denoiser)}
+        handle = family.attach(pa.BACConfig(schedule=pa.Schedule(steps, family.sampler.num_steps,
+                                                                 family.sampler.kind)), allow_unbound=True)
+        torch.testing.assert_close(theirs, family.chunk(cond, noise), rtol=1e-5, atol=1e-5)
+        handle.remove()
+    assert not torch.equal(theirs, uncached)  # the skips happened
+    assert all(not m._diffusers_hook.hooks for m in family.denoiser.modules() if hasattr(m, "_diffusers_hook"))
+
+
+def test_diffusers_block_level_caches_refuse_the_flow_expert_whose_layers_are_not_modules_to_call():
+    with pytest.raises(ValueError, match="no stack of >= 2 whole layers"):
+        make_family("flow_pi05").attach(pa.DiffusersFBCConfig())

@@ -55,6 +55,7 @@ from diffusers.hooks import (
     apply_mag_cache,
     apply_taylorseer_cache,
 )
+from diffusers.hooks._common import _ALL_TRANSFORMER_BLOCK_IDENTIFIERS
 from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
 from diffusers.models.cache_utils import CacheMixin
 
@@ -144,16 +145,22 @@ def _attach_taylorseer(denoiser, cfg, clock, binding, allow_unbound) -> Diffuser
     return DiffusersCache(denoiser, cfg, cfg.tag, clock, binding, ("taylorseer_cache",))
 
 
-def _layer_stack(model) -> torch.nn.Module:
-    """The module whose `layers` ModuleList holds the model's whole transformer layers."""
+def _layer_stack(model) -> tuple[torch.nn.Module, torch.nn.ModuleList]:
+    """(the module holding the model's whole transformer layers as a ModuleList under one of diffusers' block
+    names: the model's `block_stack` attribute names it (DP-T: "decoder", whose `layers`), or names that
+    ModuleList itself on the model (the action DiT: "transformer_blocks"); and the layers)."""
     stack = getattr(model, getattr(model, "block_stack", ""), None)
-    layers = getattr(stack, "layers", None)
+    if isinstance(stack, torch.nn.ModuleList) and model.block_stack in _ALL_TRANSFORMER_BLOCK_IDENTIFIERS:
+        stack, layers = model, stack
+    else:
+        layers = getattr(stack, "layers", None)
     if not isinstance(layers, torch.nn.ModuleList) or len(layers) < 2:
         raise ValueError(f"{type(model).__name__} names no stack of >= 2 whole layers (`block_stack` attribute "
-                         f"pointing at a module with a `layers` ModuleList); diffusers' block-level caches need one")
+                         f"pointing at a module with a `layers` ModuleList, or at such a ModuleList); diffusers' "
+                         "block-level caches need one")
     # diffusers' own models register their block classes the same way (diffusers/hooks/_helpers.py)
     TransformerBlockRegistry.register(type(layers[0]), TransformerBlockMetadata(return_hidden_states_index=None))
-    return stack
+    return stack, layers
 
 
 @dataclass
@@ -173,7 +180,7 @@ class DiffusersFBCConfig:
 
 @register_attach(DiffusersFBCConfig)
 def _attach_fbc(denoiser, cfg, clock, binding, allow_unbound) -> DiffusersCache:
-    apply_first_block_cache(_layer_stack(denoiser), FirstBlockCacheConfig(threshold=cfg.threshold))
+    apply_first_block_cache(_layer_stack(denoiser)[0], FirstBlockCacheConfig(threshold=cfg.threshold))
     return DiffusersCache(denoiser, cfg, cfg.tag, clock, binding, ("fbc_leader_block_hook", "fbc_block_hook"),
                           batch_coupled=True)
 
@@ -252,7 +259,7 @@ def _attach_mag(denoiser, cfg, clock, binding, allow_unbound) -> DiffusersCache:
     config = MagCacheConfig(threshold=cfg.threshold, max_skip_steps=cfg.max_skip_steps,
                             retention_ratio=cfg.retention_ratio, num_inference_steps=ratios.num_steps,
                             mag_ratios=torch.tensor(ratios.ratios))
-    apply_mag_cache(_layer_stack(denoiser), config)
+    apply_mag_cache(_layer_stack(denoiser)[0], config)
     return DiffusersCache(denoiser, cfg, cfg.tag, clock, binding, MAG_HOOKS)
 
 
@@ -261,12 +268,12 @@ class MagCalibration(DiffusersCache):
 
     def __init__(self, denoiser, clock: StepClock, binding: Binding):
         # one step more than the sampler takes: at its last step MagCache clears the ratios it recorded
-        self.stack = _layer_stack(denoiser)
+        self.stack, self.layers = _layer_stack(denoiser)
         apply_mag_cache(self.stack, MagCacheConfig(calibrate=True, num_inference_steps=binding.num_steps + 1))
         super().__init__(denoiser, None, "diffusers_magcache_calibration", clock, binding, MAG_HOOKS)
 
     def ratios(self) -> list[float]:
-        tail_hook = self.stack.layers[-1]._diffusers_hook.get_hook(MAG_HOOKS[1])
+        tail_hook = self.layers[-1]._diffusers_hook.get_hook(MAG_HOOKS[1])
         self._enter(COND)  # diffusers keeps the state per cache context
         try:
             return [float(r) for r in tail_hook.state_manager.get_state().calibration_ratios]

@@ -146,6 +146,7 @@ class ActionDiTContext(Context):
 @register_family("action_dit")
 class ActionDiT(nn.Module):
     cache_blocks = r"transformer_blocks\.\d+\.(attn|ff)"
+    block_stack = "transformer_blocks"  # whole layers (hidden_states -> hidden_states): diffusers FBC / MagCache
 
     @classmethod
     def config_for(cls, obs_dim: int, action_dim: int, horizon: int, n_obs_steps: int, arch: dict) -> ActionDiTConfig:
