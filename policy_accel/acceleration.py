@@ -53,7 +53,6 @@ def accelerate(policy, config, *, allow_unbound: bool = False, checkpoint_dir=No
         config = dataclasses.replace(config, schedule=schedule, budget=None, observations=None)
     policy.cache = attach(policy.model, config, policy.clock, policy.binding(), allow_unbound=allow_unbound)
     policy.episode_noise = isinstance(config, CarryConfig) and config.episode_noise
-    policy._episode_noise = None  # a draw from before must not be reused
     return policy.cache
 
 
@@ -96,7 +95,7 @@ def remove_acceleration(policy) -> None:
     if policy.cache is not None:
         policy.cache.remove()
         policy.cache = None
-    policy.episode_noise, policy._episode_noise = False, None
+    policy.episode_noise = False
     if policy.recipe is not None:
         if policy.recipe.compiled:
             policy.compile(False)

@@ -101,7 +101,7 @@ class Policy(nn.Module):
         self.compiled_model = None  # set by compile()
         self.chunk_graph = None  # set by compile_chunk()
         self.dtype = torch.float32  # the denoiser's weights and activations (set_dtype)
-        self.episode_noise = False  # True: one initial noise draw per episode, reused by every chunk
+        self._reuse_noise = False
         self._episode_noise: torch.Tensor | None = None
         self._fp32_hash: str | None = None  # checkpoint_hash from before a cast to half precision
         self.set_sampler(config.sampler)
@@ -173,6 +173,15 @@ class Policy(nn.Module):
         if dtype is not None:
             self.set_dtype(dtype)
         return super().to(device=device, non_blocking=non_blocking) if device is not None else self
+
+    @property
+    def episode_noise(self) -> bool:
+        """True: one initial noise draw per episode, reused by every chunk (cross-chunk reuse turns it on)."""
+        return self._reuse_noise
+
+    @episode_noise.setter
+    def episode_noise(self, on: bool) -> None:
+        self._reuse_noise, self._episode_noise = bool(on), None  # a draw from before must not be reused
 
     def seed(self, seed: int) -> None:
         """Reseed the noise generator (on the policy's device): same seed -> same actions."""
