@@ -166,7 +166,7 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
     todo, stale = [], []
     for spec in cfg.methods:
         for i, seeds in enumerate(shards):
-            path = run_dir / "success" / f"{spec}__{seeds[0]}-{seeds[-1]}.json"
+            path = shard_path(run_dir, spec, seeds)
             if path.exists() and json.loads(path.read_text()).get("schedule_sha256") != digests[spec]:
                 stale.append(path.name)  # made with another schedule file of the same name: redo
                 path.unlink()
@@ -215,12 +215,17 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
     return merge(cfg, run_dir, shards, lat)
 
 
+def shard_path(run_dir: Path, spec: str, seeds: list[int]) -> Path:
+    """One method's success on one seed shard (a per-branch spec's '/' becomes '_uncond_')."""
+    return run_dir / "success" / f"{spec.replace('/', '_uncond_')}__{seeds[0]}-{seeds[-1]}.json"
+
+
 def merge(cfg: SweepConfig, run_dir: Path, shards: list[list[int]], lat: dict) -> list[dict]:
     from eval.rollout import add_ratios, wilson_interval
 
     rows = []
     for spec in cfg.methods:
-        parts = [json.loads((run_dir / "success" / f"{spec}__{s[0]}-{s[-1]}.json").read_text()) for s in shards]
+        parts = [json.loads(shard_path(run_dir, spec, s).read_text()) for s in shards]
         n, k = sum(p["n_episodes"] for p in parts), sum(p["successes"] for p in parts)
         low, high = wilson_interval(k, n)
         row = {key: parts[0][key] for key in ("policy", "task", "method", "setting")}
