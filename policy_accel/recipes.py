@@ -252,22 +252,21 @@ def parse_method(spec: str) -> Method:
         base_kind, base_steps = m.group(1), int(m.group(2))
     cond, slash, uncond = body.partition("/")
     if not slash:
-        return dataclasses.replace(_parse_body(spec, body, base_steps, compiled, carry), base_kind=base_kind)
+        return _parse_body(spec, body, base_steps, base_kind, compiled, carry)
     if carry:
         raise ValueError(f"method {spec!r}: carry and per-branch schedules do not combine")
     if not (cond and uncond) or "/" in uncond:
         raise ValueError(f"method {spec!r}: a per-branch method is '<cond method>/<uncond method>', e.g. "
                          "'uniform2/uniform5@ddim10'")
-    branches = [_parse_body(spec, b, base_steps, compiled, None) for b in (cond, uncond)]
+    branches = [_parse_body(spec, b, base_steps, base_kind, compiled, None) for b in (cond, uncond)]
     for b in branches:
         if b.family not in STATIC_FAMILIES:
             raise ValueError(f"method {spec!r}: each guidance branch takes one of our static-schedule methods "
                              f"({', '.join(STATIC_FAMILIES)}), got {b.family}")
-    return dataclasses.replace(branches[0], uncond=dataclasses.replace(branches[1], base_kind=base_kind),
-                               base_kind=base_kind)
+    return dataclasses.replace(branches[0], uncond=branches[1])
 
 
-def _parse_body(spec: str, body: str, base_steps: int | None, compiled: bool, carry) -> Method:
+def _parse_body(spec: str, body: str, base_steps: int | None, base_kind: str, compiled: bool, carry) -> Method:
     for family, recipe in RECIPES.items():
         m = re.fullmatch(recipe.pattern, body)
         if not m:
@@ -285,5 +284,5 @@ def _parse_body(spec: str, body: str, base_steps: int | None, compiled: bool, ca
             raise ValueError(f"method {spec!r}: a pooled budget is at least 1.0 full call (step 0 of every block)")
         if params.get("f") and params["order"] != 1:
             raise ValueError(f"method {spec!r}: 'f' (schedule calibrated against the order-1 forecast) needs order 1")
-        return Method(spec, family, params, base_steps, compiled, carry)
+        return Method(spec, family, params, base_steps, compiled, carry, base_kind=base_kind)
     raise ValueError(f"unknown method {spec!r}; expected one of: {', '.join(RECIPES)} (see policy_accel/recipes.py)")
