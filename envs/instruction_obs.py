@@ -6,6 +6,11 @@
 The flat observation becomes [state ; instruction embedding (384)], obs_layout gains ("instruction", 384),
 and spec_dict() carries the table, so that an env re-created from a dataset's or a checkpoint's spec
 embeds exactly as it did when the demos were recorded (no encoder needed for the instructions it holds).
+
+    env.told = {"open the drawer": "close the drawer"}   # the policy is told another task's instruction
+
+`told` maps the task's own instruction to the one the observation carries (eval/swap_instructions.py):
+success is still the env's own task, so a policy that follows the instruction fails.
 """
 
 import gymnasium as gym
@@ -21,9 +26,11 @@ class InstructionObservation(gym.ObservationWrapper):
         inner = env.observation_space
         self.observation_space = gym.spaces.Box(-np.inf, np.inf, (inner.shape[0] + table.dim,), np.float32)
         self.obs_layout = [*env.obs_layout, ("instruction", table.dim)]
+        self.told: dict[str, str] = {}
 
     def observation(self, obs):
-        return np.concatenate([obs, self.table(self.env.unwrapped.instruction)[0]]).astype(np.float32)
+        instruction = self.env.unwrapped.instruction
+        return np.concatenate([obs, self.table(self.told.get(instruction, instruction))[0]]).astype(np.float32)
 
     @property
     def instruction(self) -> str:

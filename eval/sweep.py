@@ -117,7 +117,7 @@ def _init_ray(cfg: SweepConfig):
 
 def check_run_dir(cfg: SweepConfig, run_dir: Path) -> None:
     """Finished shards are reused only for the same checkpoint weights and batching."""
-    from policy_accel.policy import load_policy
+    from policy_accel.checkpoint import load_policy
 
     meta = {"checkpoint_hash": load_policy(cfg.checkpoint).checkpoint_hash, "num_envs": cfg.num_envs}
     path = run_dir / "meta.json"

@@ -28,10 +28,11 @@ from policy_accel.cache import (  # noqa: E402
     find_blocks,
 )
 from policy_accel.calibration import calibrate  # noqa: E402
+from policy_accel.checkpoint import load_policy  # noqa: E402
 from policy_accel.clock import StepClock  # noqa: E402
 from policy_accel.denoiser import Context, Denoiser  # noqa: E402
 from policy_accel.models import ConditionCache, DPTransformer, DPTransformerConfig  # noqa: E402
-from policy_accel.policy import Policy, PolicyConfig, load_policy  # noqa: E402
+from policy_accel.policy import Policy, PolicyConfig  # noqa: E402
 from policy_accel.sampling import Guidance, SamplerConfig, sample  # noqa: E402
 
 __all__ = [

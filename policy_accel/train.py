@@ -38,8 +38,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from policy_accel.checkpoint import load_policy
 from policy_accel.data import ReplayBuffer, SequenceDataset
-from policy_accel.policy import Policy, PolicyConfig, load_policy
+from policy_accel.policy import Policy, PolicyConfig
 from policy_accel.sampling import SamplerConfig
 
 STATE_FILE, LOG_FILE, CHECKPOINT_DIR = "last.pt", "log.jsonl", "checkpoint"

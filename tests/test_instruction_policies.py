@@ -91,3 +91,15 @@ def test_a_tiny_vla_trains_on_instructed_demos_and_runs_accelerated_in_closed_lo
                                      num_threads=1, progress=False))
     assert [r["setting"] for r in summary["results"]] == ["uncached", method]
     assert all(r["n_episodes"] == 2 for r in summary["results"])
+
+
+def test_the_shipped_flow_expert_does_what_it_is_told_on_the_drawer_pair(tmp_path):
+    """One drawer-open and one drawer-close test episode, each told its own instruction and the other's: the
+    scene is the same, so succeeding only when told its own task means the instruction decided."""
+    from eval.swap_instructions import main as swap
+
+    result = swap(["episodes=1", "method=flow1", "num_envs=1", "progress=false", f"out={tmp_path / 'swap.json'}",
+                   "pairs=[[drawer-open-v3,drawer-close-v3]]"])
+    wins = {(r["task"], r["own"]): r["successes"] for r in result["results"]}
+    assert wins == {("drawer-open-v3", True): 1, ("drawer-open-v3", False): 0,
+                    ("drawer-close-v3", True): 1, ("drawer-close-v3", False): 0}

@@ -46,6 +46,19 @@ def test_observations_carry_the_embedding_and_the_spec_recreates_it():
     np.testing.assert_array_equal(again.reset(seed=3)[0], obs)
 
 
+def test_a_told_instruction_replaces_the_tasks_own_and_must_be_in_the_table(monkeypatch):
+    t = table()
+    env = with_instructions(envs.make_env("push2d"), t)
+    env.told = {PUSH: "open the drawer"}
+    obs, _ = env.reset(seed=3)
+    np.testing.assert_array_equal(obs[-6:], t(["open the drawer"])[0])
+    assert env.instruction == PUSH  # the env still runs (and scores) its own task
+    monkeypatch.setattr(instructions, "encoder_installed", lambda: False)
+    env.told = {PUSH: "close the drawer"}
+    with pytest.raises(KeyError, match="close the drawer"):
+        env.reset(seed=3)
+
+
 def test_collect_records_instruction_conditioned_demos(tmp_path, monkeypatch):
     monkeypatch.setattr(InstructionTable, "build", classmethod(lambda cls, texts: table()))  # no 90 MB encoder
     path = collect("push2d", 2, seed=0, out=tmp_path / "d.zarr", progress=False, instructions=True)
