@@ -189,3 +189,24 @@ def test_matches_the_original_architecture_on_torch_decoder_layers(model):
     original = OriginalDPT(model).eval()
     for t in (0.0, 42.0, 99.0):
         torch.testing.assert_close(run(model, x, t, cond), original(x, t, cond), rtol=1e-5, atol=1e-5)
+
+
+def test_dropout_keeps_each_entry_with_probability_1_minus_p_and_rescales_it():
+    from policy_accel.models.blocks import Dropout
+
+    x = torch.full((1000, 1000), 2.0, requires_grad=True)
+    drop = Dropout(0.3)
+    assert drop.eval()(x) is x
+    torch.manual_seed(0)
+    y = drop.train()(x)
+    scale = 256 / (256 - 77)  # p = 0.3 rounded to 77/256
+    kept = y != 0
+    assert torch.equal(y[kept], torch.full_like(y[kept], 2.0 * scale))
+    assert abs(kept.float().mean().item() - 179 / 256) < 0.003  # 6 sigma of a binomial over 1e6 entries
+    y.sum().backward()
+    assert torch.equal(x.grad, kept.float() * scale)
+    torch.manual_seed(0)
+    assert torch.equal(drop(x), y)  # the global generator decides, as for nn.Dropout
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="dropout probability"):
+            Dropout(bad)

@@ -17,6 +17,32 @@ import torch.nn.functional as F
 KV = tuple[torch.Tensor, torch.Tensor]  # (B, H, S, hd) each
 
 
+class Dropout(nn.Module):
+    """nn.Dropout, with a cheaper mask on CPU: torch draws one Bernoulli per element there, which made DP-T's
+    dropouts a quarter of a training step; here each 64-bit random draw gives 8 mask bytes (4x faster), so p
+    is rounded to a multiple of 1/256 (0.3 -> 77/256). Other devices use F.dropout."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        if x.device.type != "cpu":
+            return F.dropout(x, self.p, training=True)
+        dropped = round(self.p * 256)
+        n = x.numel()
+        draws = torch.randint(-2**63, 2**63 - 1, ((n + 7) // 8,), dtype=torch.int64)
+        keep = draws.view(torch.uint8)[:n].view(x.shape) >= dropped
+        return x * keep.to(x.dtype).mul_(256 / (256 - dropped))
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
 class SelfAttention(nn.Module):
     """Pre-norm multi-head self-attention; `mask` (T, T): bool (True = may attend) or additive float."""
 
@@ -28,7 +54,7 @@ class SelfAttention(nn.Module):
         self.norm = nn.LayerNorm(n_emb)
         self.qkv = nn.Linear(n_emb, 3 * n_emb)
         self.proj = nn.Linear(n_emb, n_emb)
-        self.resid_drop = nn.Dropout(dropout)
+        self.resid_drop = Dropout(dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.shape
@@ -57,7 +83,7 @@ class CrossAttention(nn.Module):
         self.q = nn.Linear(n_emb, n_emb)
         self.kv_proj = nn.Linear(n_emb, 2 * n_emb)
         self.proj = nn.Linear(n_emb, n_emb)
-        self.resid_drop = nn.Dropout(dropout)
+        self.resid_drop = Dropout(dropout)
 
     def kv(self, memory: torch.Tensor) -> KV:
         """(B, S, C) -> keys and values (B, H, S, hd)."""
@@ -88,9 +114,9 @@ class FeedForward(nn.Module):
         self.norm = nn.LayerNorm(n_emb)
         self.fc = nn.Linear(n_emb, 4 * n_emb)
         self.act = nn.GELU()
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         self.proj = nn.Linear(4 * n_emb, n_emb)
-        self.resid_drop = nn.Dropout(dropout)
+        self.resid_drop = Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.resid_drop(self.proj(self.drop(self.act(self.fc(self.norm(x))))))
