@@ -76,6 +76,20 @@ def time_chunks(policy, histories, noises, count: int, offset: int = 0) -> list[
     return times
 
 
+def time_prefix(policy, histories) -> list[float]:
+    """Seconds of the per-chunk prefix alone, once per history: normalising the observations and
+    `model.prepare` (a VLA's stand-in VLM prefix K/V or condition tokens, DP-T's condition encoder, the
+    per-chunk time tables). No cache touches it; a chunk's latency minus it is the denoising loop's."""
+    times = []
+    with torch.no_grad():
+        for h in histories:
+            start = time.perf_counter()
+            cond = policy.obs_normalizer.normalize(torch.from_numpy(h).to(policy.device))
+            policy.model.prepare(cond.to(policy.dtype), policy.timesteps)
+            times.append(time.perf_counter() - start)
+    return times
+
+
 @contextmanager
 def fully_cached_steps(policy, out: list[float]):
     """Append to `out` the seconds of every step on which the policy's cache skips every block (its stack
@@ -106,12 +120,14 @@ def fully_cached_steps(policy, out: list[float]):
 
 
 def time_methods(policy, methods: list, checkpoint, histories: list[np.ndarray], rounds: int, repeats: int,
-                 warmup: int, progress: bool = True, cached_steps: dict | None = None) -> tuple[dict, dict]:
+                 warmup: int, progress: bool = True, cached_steps: dict | None = None,
+                 prefix: list | None = None) -> tuple[dict, dict]:
     """Interleaved batch-1 timing: per method spec, chunk seconds (rounds x repeats) and FLOPs per chunk.
     `histories` are (1, n_obs_steps, obs_dim); every method sees the same histories and noise. FLOPs of a
     cache that decides from the data (a `batch_coupled` hook: First Block Cache) are the mean over all
     histories, history i with noise seed i; schedules and MagCache's calibrated ratios do not see the input.
-    `cached_steps`, if given, receives per method spec the seconds of its fully cached steps (see above)."""
+    `cached_steps`, if given, receives per method spec the seconds of its fully cached steps (see above);
+    `prefix`, if given, the seconds of the per-chunk prefix alone (time_prefix), once per history each round."""
     pc = policy.config
     gen = torch.Generator().manual_seed(0)
     noises = [torch.randn(1, pc.horizon, pc.action_dim, generator=gen) for _ in histories]
@@ -135,6 +151,8 @@ def time_methods(policy, methods: list, checkpoint, histories: list[np.ndarray],
                 if remover:
                     remover.remove()
                 bar.update(1)
+            if prefix is not None:
+                prefix += time_prefix(policy, histories)
     return times, flops
 
 

@@ -199,8 +199,12 @@ def per_task(env, seeds: list[int], wins: list[int]) -> dict:
 
 def latency_fields(policy, methods: list, checkpoint, histories: list[np.ndarray], rounds: int, repeats: int,
                    warmup: int, progress: bool = False) -> dict[str, dict]:
-    """Per method spec: batch-1 latency percentiles (ms), control frequency and FLOPs per chunk."""
-    times, flops = time_methods(policy, methods, checkpoint, histories, rounds, repeats, warmup, progress)
+    """Per method spec: batch-1 latency percentiles (ms), control frequency and FLOPs per chunk, and the
+    per-chunk prefix (the same for every method: no cache touches it) with the loop's share of the p50."""
+    prefix: list[float] = []
+    times, flops = time_methods(policy, methods, checkpoint, histories, rounds, repeats, warmup, progress,
+                                prefix=prefix)
+    prefix_p50 = 1e3 * float(np.median(prefix))
     out = {}
     for m in methods:
         ms = 1e3 * np.array(times[m.spec])
@@ -208,15 +212,18 @@ def latency_fields(policy, methods: list, checkpoint, histories: list[np.ndarray
         out[m.spec] = dict(latency_ms_p50=p50, latency_ms_p95=float(np.percentile(ms, 95)),
                            latency_ms_p99=float(np.percentile(ms, 99)), latency_ms_max=float(ms.max()),
                            control_hz=policy.config.n_action_steps / (p50 / 1e3), latency_chunks=len(ms),
-                           flops_per_chunk=flops[m.spec])
+                           flops_per_chunk=flops[m.spec], prefix_ms_p50=prefix_p50, loop_ms_p50=p50 - prefix_p50)
     return out
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """speedup and flops_ratio relative to the uncached row of the same run (None without one)."""
+    """speedup (whole chunk), loop_speedup (the chunk without its prefix) and flops_ratio relative to the
+    uncached row of the same run (None without one)."""
     base = next((r for r in rows if r["setting"] == "uncached"), None)
     for r in rows:
         r["speedup"] = base["latency_ms_p50"] / r["latency_ms_p50"] if base else None
+        loops = base and "loop_ms_p50" in base and "loop_ms_p50" in r and r["loop_ms_p50"] > 0
+        r["loop_speedup"] = base["loop_ms_p50"] / r["loop_ms_p50"] if loops else None
         r["flops_ratio"] = r["flops_per_chunk"] / base["flops_per_chunk"] if base else None
 
 

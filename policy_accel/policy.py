@@ -123,6 +123,11 @@ class Policy(nn.Module):
         self.sampler = sampler
         self._sampler = build_sampler(sampler)
 
+    @property
+    def timesteps(self):
+        """The sampler's timesteps, as each chunk's `model.prepare(cond, timesteps)` receives them."""
+        return self._sampler.timesteps
+
     def compile(self, enabled: bool = True, **compile_kwargs) -> None:
         """torch.compile the whole denoiser for sampling (one graph: t goes in as a tensor).
         With acceleration, use the method config's `compile=True` instead, which compiles each

@@ -139,6 +139,9 @@ def test_rollout_end_to_end_on_push2d_writes_summary(tmp_path):
         assert r["ci_low"] <= r["success_rate"] <= r["ci_high"]
         assert r["latency_ms_p50"] <= r["latency_ms_p95"] <= r["latency_ms_p99"] <= r["latency_ms_max"]
         assert math.isclose(r["control_hz"], 4 / (r["latency_ms_p50"] / 1e3))
+        assert 0 < r["prefix_ms_p50"] == rows[0]["prefix_ms_p50"]  # timed once per round, no method attached
+        assert math.isclose(r["loop_ms_p50"], r["latency_ms_p50"] - r["prefix_ms_p50"])
+        assert math.isclose(r["loop_speedup"], rows[0]["loop_ms_p50"] / r["loop_ms_p50"])
     by = {r["setting"]: r for r in rows}
     assert by["uncached"]["flops_ratio"] == 1.0
     assert by["ddim5"]["flops_ratio"] == pytest.approx(5 / 20, rel=0.02)
