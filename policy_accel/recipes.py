@@ -18,6 +18,7 @@ Grammar: [compile+ | carry<E>[r<R>][f]+]<method>[/<method>][@ddim<K> | @flow<K>]
                              blocks (at least step 0 each), placed by least squared reuse error
     bac_taylor10o2           BAC schedule + Taylor forecast of order 2 (ours); bac_taylorg1.5o1nb: pooled
     bac_taylor10o1f          ours, order 1, on a schedule calibrated against the order-1 forecast error
+                             (bac_taylor10o0f: plain reuse on that schedule, an ablation)
     diffusers_taylorseer4o1  diffusers' own TaylorSeer hook (warm-up 3)
     diffusers_fbc0.05        diffusers' First Block Cache on whole layers, threshold 0.05 (dynamic)
     diffusers_magcache0.06   diffusers' MagCache, threshold 0.06, at most 3 skips in a row (k9: 9),
@@ -282,7 +283,8 @@ def _parse_body(spec: str, body: str, base_steps: int | None, base_kind: str, co
             raise ValueError(f"method {spec!r}: a pooled budget (g) uses the reuse error; 'f' does not apply")
         if params.get("calls") is not None and params["calls"] < 1:
             raise ValueError(f"method {spec!r}: a pooled budget is at least 1.0 full call (step 0 of every block)")
-        if params.get("f") and params["order"] != 1:
-            raise ValueError(f"method {spec!r}: 'f' (schedule calibrated against the order-1 forecast) needs order 1")
+        if params.get("f") and params["order"] > 1:
+            raise ValueError(f"method {spec!r}: 'f' (schedule calibrated against the order-1 forecast) needs "
+                             "order 1 (or 0: plain reuse on that schedule, an ablation)")
         return Method(spec, family, params, base_steps, compiled, carry, base_kind=base_kind)
     raise ValueError(f"unknown method {spec!r}; expected one of: {', '.join(RECIPES)} (see policy_accel/recipes.py)")

@@ -45,6 +45,9 @@ def test_method_strings_resolve_to_the_configs_they_name(lift):
     assert handle.config == pa.BACTaylorConfig(schedule=str(lift.path / "schedules" / "bac_s5_b5_ddim20_f1.json"),
                                                order=1)
     pa.remove_acceleration(lift)
+    ablation = pa.accelerate(lift, "bac_taylor5o0f@ddim20").config  # reuse on the forecast-calibrated schedule
+    assert (ablation.schedule, ablation.order) == (handle.config.schedule, 0)
+    pa.remove_acceleration(lift)
     assert pa.accelerate(lift, "uniform5@ddim10").config == pa.UniformConfig(5)
     pa.remove_acceleration(lift)
     cfg = pa.accelerate(lift, "diffusers_magcache0.3k9r0.05").config

@@ -191,6 +191,13 @@ def test_init_from_warm_starts_from_a_shipped_checkpoint(dataset_path, tmp_path)
                        np.cumsum([30, 25, 40, 20]).astype(np.int64), {"env": "toy"})
     with pytest.raises(ValueError, match="obs_normalizer differs"):
         train(tiny(other, tmp_path / "otherdata", init_from=str(shipped)))
+    obs = np.array(buffer.obs)  # a recollection: one dimension's range moved by 1.5%, within the tolerance
+    obs[np.argmax(obs[:, 0]), 0] += 0.015 * np.ptp(obs[:, 0])
+    recollected = write_zarr(tmp_path / "recollected.zarr", obs, np.asarray(buffer.action),
+                             np.cumsum([30, 25, 40, 20]).astype(np.int64), {"env": "toy"})
+    warm = pa.load_policy(train(tiny(recollected, tmp_path / "recollected", steps=1, lr=0.0, warmup_steps=0,
+                                     init_from=str(shipped))))
+    assert torch.equal(warm.obs_normalizer.max, start.obs_normalizer.max)  # the checkpoint's own normalisers
 
 
 def test_init_from_a_causal_dp_t_warm_starts_a_shorter_horizon_exactly(dataset_path, tmp_path):
