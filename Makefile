@@ -70,7 +70,7 @@ card-rollout-%: $(STAMP)
 ship-%: schedules-% card-rollout-%
 	$(PY) eval/card.py checkpoint=checkpoints/$*_dp_t run_dir=runs/$*_dp_t rollout=eval/results/rollout_$*.json
 
-# Training longer than one sitting (Can, Square: absolute eef-pose actions, 6D rotations in the obs):
+# Training longer than one sitting (Square: absolute eef-pose actions, 6D rotations in the obs; Can below):
 # resumes runs/<task>_abs_dp_t when it exists, else warm-starts from the committed fp16 snapshot
 # checkpoints/<task>_dp_t/in_training (rewritten every 500 steps; commit it at each stop).
 # Niced, one thread: one job per core.  make train-can TRAIN_STEPS=8000
@@ -85,6 +85,18 @@ train-%: $(STAMP) data/%_abs_rot6d.zarr
 		num_threads=1 progress=false \
 		$(if $(wildcard checkpoints/$*_dp_t/in_training/model.safetensors),init_from=checkpoints/$*_dp_t/in_training)
 	$(PY) eval/card.py checkpoint=checkpoints/$*_dp_t/in_training
+
+# Can continues on delta actions (the README's Can comparison: 16/20 at 21k delta steps against 8/20 at 9.5k
+# absolute): resumes runs/can_delta_h10_dp_t, else warm-starts from the snapshot, else the shipped weights.
+train-can: $(STAMP) data/can.zarr
+	nice -n 19 $(PY) eval/train.py env=can dataset=data/can.zarr out_dir=runs/can_delta_h10_dp_t export_dir=null horizon=10 \
+		snapshot_dir=checkpoints/can_dp_t/in_training steps=$(TRAIN_STEPS) warmup_steps=200 save_every=500 \
+		precision=$(TRAIN_PRECISION) num_threads=1 progress=false \
+		init_from=$(if $(wildcard checkpoints/can_dp_t/in_training/model.safetensors),checkpoints/can_dp_t/in_training,checkpoints/can_dp_t)
+	$(PY) eval/card.py checkpoint=checkpoints/can_dp_t/in_training
+
+data/can.zarr: | $(STAMP)
+	$(PY) eval/collect.py env=can episodes=200 seed=0
 
 .PRECIOUS: data/%_abs_rot6d.zarr
 data/%_abs_rot6d.zarr: | $(STAMP)

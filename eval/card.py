@@ -77,6 +77,9 @@ def flat_segments(segments: list[dict], end_step: int) -> list[dict]:
     offset = init["init_train_steps"] if init else 0
     rows = flat_segments(init.get("history") or [], offset) if init else []
     runs = [s for s in segments if "init_from" not in s]
+    if not runs:  # a warm start's source that recorded no segments (checkpoints older than the records)
+        return rows + [{"first": 0, "last": end_step, "lr_steps": None, "precision": "-", "hours": None,
+                        "dataset": "-", "init_from": None}] if end_step else rows
     ends = [s["from_step"] for s in runs[1:]] + [end_step - offset]
     for s, end in zip(runs, ends, strict=True):
         rows.append({"first": offset + s["from_step"], "last": offset + end, "lr_steps": s["steps"],
@@ -101,7 +104,8 @@ def render_in_training(checkpoint: str) -> str:
     for r in rows:
         h = f"{r['hours']:.2f}" if r["hours"] is not None else "-"
         origin = f"`{r['init_from']}` (its EMA weights)" if r["init_from"] else "-"
-        lines.append(f"| {r['first']}-{r['last']} | cosine over {r['lr_steps']} | {r['precision']} | {h} | "
+        lr = f"cosine over {r['lr_steps']}" if r["lr_steps"] is not None else "not recorded"
+        lines.append(f"| {r['first']}-{r['last']} | {lr} | {r['precision']} | {h} | "
                      f"`{r['dataset']}` | {origin} |")
     return "\n".join(lines) + "\n"
 

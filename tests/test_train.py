@@ -326,3 +326,9 @@ def test_in_training_card_lists_every_segment_across_warm_starts(dataset_path, t
     assert [(r["first"], r["last"], r["init_from"]) for r in rows] == [(0, 4, None), (4, 8, None), (8, 14, str(snap))]
     card = render_in_training(str(snap))
     assert "in training" in card and "| 8-14 | cosine over 6 |" in card and "14 steps so far" in card
+    # a warm start from a checkpoint that recorded no segments of its own: its steps are one unrecorded row
+    old = [{"from_step": 0, "steps": 0, "precision": "-", "init_from": "ckpt", "init_train_steps": 10}]
+    rows = flat_segments([{"from_step": 0, "steps": 0, "precision": "-", "init_from": "next", "init_train_steps": 12,
+                           "history": [*old, {"from_step": 0, "steps": 2, "precision": "bf16"}]},
+                          {"from_step": 0, "steps": 3, "precision": "fp32"}], 15)
+    assert [(r["first"], r["last"], r["lr_steps"]) for r in rows] == [(0, 10, None), (10, 12, 2), (12, 15, 3)]
