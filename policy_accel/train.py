@@ -150,7 +150,10 @@ def export_checkpoint(policy: Policy, ema, dest, info: dict, half: bool = False)
         ema.restore(params)
 
 
-INIT_NORMALIZER_TOLERANCE = 0.02  # init_from: how far (share of a range) the dataset's normalisers may move
+# init_from: how far (share of the checkpoint's range) a dataset may reach beyond the checkpoint's normaliser
+# ranges, and how much of a range it may leave unused, before it counts as other data
+INIT_NORMALIZER_TOLERANCE = 0.02
+INIT_UNUSED_RANGE_TOLERANCE = 0.15
 
 
 def _arch(policy_config: dict) -> dict:
@@ -170,14 +173,17 @@ def _init_segment(policy: Policy, path: str, policy_config: PolicyConfig) -> dic
                          f" checkpoint: {_arch(source.config.to_dict())}\n run: {_arch(policy_config.to_dict())}")
     for name in ("obs_normalizer", "action_normalizer"):
         # the weights expect the checkpoint's normalisers; a dataset recollected on another machine may
-        # differ a little (MuJoCo: Can's 200 demos, recollected, moved one gripper dimension's range by
-        # 1.2%), another dataset differs by far more
+        # differ a little (MuJoCo: Can's 200 demos, recollected, reached 1.2% beyond one gripper range;
+        # Square's left 8.4% of a rotation range unused, its most extreme demo not redrawn)
         ours, theirs = getattr(policy, name), getattr(source, name)
-        span = (ours.max - ours.min).abs().clamp_min(1e-6)
-        gap = torch.maximum((ours.min - theirs.min).abs(), (ours.max - theirs.max).abs()) / span
-        if gap.max() > INIT_NORMALIZER_TOLERANCE:
-            raise ValueError(f"init_from={path}: its {name} differs from this dataset's by up to "
-                             f"{gap.max():.1%} of a dimension's range; the checkpoint was trained on other data")
+        span = (theirs.max - theirs.min).abs().clamp_min(1e-6)
+        beyond = torch.maximum(theirs.min - ours.min, ours.max - theirs.max).clamp_min(0) / span
+        unused = torch.maximum(ours.min - theirs.min, theirs.max - ours.max).clamp_min(0) / span
+        if beyond.max() > INIT_NORMALIZER_TOLERANCE or unused.max() > INIT_UNUSED_RANGE_TOLERANCE:
+            raise ValueError(f"init_from={path}: its {name} differs from this dataset's (the data reaches "
+                             f"{beyond.max():.1%} of a range beyond it, leaves {unused.max():.1%} of one unused; "
+                             f"tolerated: {INIT_NORMALIZER_TOLERANCE:.0%}, {INIT_UNUSED_RANGE_TOLERANCE:.0%}): "
+                             "the checkpoint was trained on other data")
         ours.load_state_dict(theirs.state_dict())
     policy.model.load_state_dict(weights)
     steps = int(source.config.info.get("train_steps") or 0)

@@ -198,6 +198,18 @@ def test_init_from_warm_starts_from_a_shipped_checkpoint(dataset_path, tmp_path)
     warm = pa.load_policy(train(tiny(recollected, tmp_path / "recollected", steps=1, lr=0.0, warmup_steps=0,
                                      init_from=str(shipped))))
     assert torch.equal(warm.obs_normalizer.max, start.obs_normalizer.max)  # the checkpoint's own normalisers
+    obs[np.argmax(obs[:, 0]), 0] += 0.01 * np.ptp(obs[:, 0])  # now 2.5% beyond: refused
+    with pytest.raises(ValueError, match=r"obs_normalizer differs .*reaches 2\.5% of a range beyond"):
+        train(tiny(write_zarr(tmp_path / "beyond.zarr", obs, np.asarray(buffer.action),
+                              np.cumsum([30, 25, 40, 20]).astype(np.int64), {"env": "toy"}),
+                   tmp_path / "beyond", init_from=str(shipped)))
+    action = np.array(buffer.action)  # the most extreme action not redrawn: 10% of a range unused, accepted
+    action[:, 1] = np.maximum(action[:, 1], action[:, 1].min() + 0.1 * np.ptp(action[:, 1]))
+    narrower = write_zarr(tmp_path / "narrower.zarr", np.asarray(buffer.obs), action,
+                          np.cumsum([30, 25, 40, 20]).astype(np.int64), {"env": "toy"})
+    warm = pa.load_policy(train(tiny(narrower, tmp_path / "narrower", steps=1, lr=0.0, warmup_steps=0,
+                                     init_from=str(shipped))))
+    assert torch.equal(warm.action_normalizer.min, start.action_normalizer.min)
 
 
 def test_init_from_a_causal_dp_t_warm_starts_a_shorter_horizon_exactly(dataset_path, tmp_path):
