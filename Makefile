@@ -45,7 +45,7 @@ train-mt10_%: $(STAMP) data/mt10_lang.zarr
 		steps=$(MT10_STEPS) save_every=500 num_threads=1 progress=false \
 		$(if $(wildcard checkpoints/mt10_$*/in_training/model.safetensors),init_from=checkpoints/mt10_$*/in_training)
 
-# After `python eval/train.py env=<task>`: the schedules configs/sweep.yaml needs, the card's
+# After `python eval/train.py env=<task>`: the schedules configs/sweep.yaml and sweep_low_latency.yaml need, the card's
 # 100-episode rollout, and the card.  make -j2 ship-lift  (calibration and rollout run side by side;
 # needs data/<task>.zarr and runs/<task>_dp_t; rerun after an interruption: finished parts are kept)
 # skip_current: a calibration whose files exist for these weights is not redone (retraining redoes all)
@@ -61,6 +61,11 @@ schedules-%: $(STAMP)
 	$(CALIBRATE) magcache=true
 	$(CALIBRATE) magcache=true sampler=ddim steps=20
 	$(CALIBRATE) magcache=true sampler=ddim steps=50
+	$(CALIBRATE) 'budget=[2,3]' 'bubble_blocks=[0,5]' sampler=ddim steps=10
+	$(CALIBRATE) 'budget=[2,3]' bubble_blocks=0 sampler=ddim steps=10 forecast_order=1
+	$(CALIBRATE) budget=2 bubble_blocks=0 sampler=ddim steps=5
+	$(CALIBRATE) 'calls=[1.2,1.5,2]' bubble_blocks=0 sampler=ddim steps=10
+	$(CALIBRATE) carry=true sampler=ddim steps=10
 
 # the card's rollout is a (resumable) sweep: its shards are reused by the full benchmark later
 card-rollout-%: $(STAMP)
