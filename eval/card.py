@@ -54,22 +54,6 @@ def _run_scope(info: dict) -> str:
     return f" for the last {info['train_steps'] - init[0]['init_train_steps']} of them" if init else ""
 
 
-def _segment_lines(segments: list[dict]) -> list[str]:
-    """One line per stretch of a run that was extended (steps=) or switched precision, after a line for
-    the checkpoint it was warm-started from (init_from=), if any."""
-    init = [s for s in segments if "init_from" in s]
-    segments = [s for s in segments if "init_from" not in s]
-    lines = [f"  - warm-started from `{s['init_from']}` ({s['init_train_steps']} steps before): its EMA weights, "
-             "a fresh optimiser and LR schedule" for s in init]
-    if len(segments) < 2 and not init:
-        return []
-    offset = init[0]["init_train_steps"] if init else 0
-    ends = [s["from_step"] for s in segments[1:]] + [segments[-1]["steps"]]
-    return lines + [f"  - steps {offset + s['from_step']}-{offset + end}: `steps={s['steps']} "
-                    f"precision={s['precision']}` (LR schedule over {s['steps']} steps)"
-                    for s, end in zip(segments, ends, strict=True)]
-
-
 def flat_segments(segments: list[dict], end_step: int) -> list[dict]:
     """Every stretch of training behind a checkpoint, oldest first, with global step ranges; the
     history of warm starts (init_from) is unrolled."""
@@ -100,14 +84,26 @@ def render_in_training(checkpoint: str) -> str:
              f"{info.get('n_windows')} windows; env options {(info.get('env_spec') or {}).get('kwargs')}). "
              f"Next sitting: `make train-{info['env']}`, or `python eval/train.py env={info['env']} "
              f"dataset={info.get('dataset')} init_from={checkpoint} snapshot_dir={checkpoint} ...`.", "",
-             "| steps | LR schedule | precision | hours | data | started from |", "|---|---|---|---|---|---|"]
+             *segment_table(rows)]
+    return "\n".join(lines) + "\n"
+
+
+def segment_table(rows: list[dict]) -> list[str]:
+    """A table of flat_segments' rows: each stretch of training, with the warm start it began from."""
+    lines = ["| steps | LR schedule | precision | hours | data | started from |", "|---|---|---|---|---|---|"]
     for r in rows:
         h = f"{r['hours']:.2f}" if r["hours"] is not None else "-"
         origin = f"`{r['init_from']}` (its EMA weights)" if r["init_from"] else "-"
         lr = f"cosine over {r['lr_steps']}" if r["lr_steps"] is not None else "not recorded"
-        lines.append(f"| {r['first']}-{r['last']} | {lr} | {r['precision']} | {h} | "
-                     f"`{r['dataset']}` | {origin} |")
-    return "\n".join(lines) + "\n"
+        lines.append(f"| {r['first']}-{r['last']} | {lr} | {r['precision']} | {h} | `{r['dataset']}` | {origin} |")
+    return lines
+
+
+def _history_lines(info: dict) -> list[str]:
+    """Every stretch of training behind the weights, when there was more than one (extended, resumed in
+    another precision, or warm-started from another checkpoint)."""
+    rows = flat_segments(info.get("train_segments") or [], info["train_steps"])
+    return ["", "Every stretch of training behind these weights:", "", *segment_table(rows)] if len(rows) > 1 else []
 
 
 def render(cfg: CardConfig) -> str:
@@ -144,7 +140,7 @@ def render(cfg: CardConfig) -> str:
         f"- {train_command}: {info.get('train_steps')} steps, "
         f"{training_hours(Path(cfg.run_dir) / 'log.jsonl'):.1f} h of compute{_run_scope(info)} on this 2-core CPU "
         "(1-2 threads, at times sharing the machine with other jobs; includes steps redone after restarts).",
-        *_segment_lines(info.get("train_segments") or []),
+        *_history_lines(info),
         "",
         "## Measured closed-loop success",
         f"`{summary.get('command') or _rollout_command(summary)}`",
