@@ -102,7 +102,7 @@ def segment_table(rows: list[dict]) -> list[str]:
 def _history_lines(info: dict) -> list[str]:
     """Every stretch of training behind the weights, when there was more than one (extended, resumed in
     another precision, or warm-started from another checkpoint)."""
-    rows = flat_segments(info.get("train_segments") or [], info["train_steps"])
+    rows = flat_segments(info.get("train_segments") or [], info.get("train_steps") or 0)
     return ["", "Every stretch of training behind these weights:", "", *segment_table(rows)] if len(rows) > 1 else []
 
 
