@@ -17,7 +17,9 @@ import policy_accel as pa
 from tests.conftest import FAMILIES, make_family
 
 SEAM = FAMILIES
-CLOSE = dict(rtol=1e-5, atol=1e-6)  # summation order only
+# summation order only, amplified by order-2 forecasts, guidance and the sampler update: 3e-6 measured on
+# CogACT with BAC+Taylor on an AVX-512 CPU, where 1e-6 had held on an AVX2 one
+CLOSE = dict(rtol=1e-4, atol=1e-5)
 UNEVEN = {0: [0, 1, 4, 5, 9], 1: [0, 4, 9], 2: [0, 2, 4, 7, 9]}  # per-layer BAC-like steps: 3, 6, 8 skip every block
 
 
