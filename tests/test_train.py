@@ -23,13 +23,20 @@ def write_zarr(path, obs, action, ends, attrs):
     return path
 
 
+TOY_ENDS = np.cumsum([30, 25, 40, 20]).astype(np.int64)
+
+
+def toy_like(path, obs, action):
+    """The toy dataset's episodes with other observations / actions (a recollection, or other data)."""
+    return write_zarr(path, np.asarray(obs), np.asarray(action), TOY_ENDS, {"env": "toy"})
+
+
 @pytest.fixture
 def dataset_path(tmp_path):
     rng = np.random.default_rng(0)
-    ends = np.cumsum([30, 25, 40, 20]).astype(np.int64)
-    obs = rng.uniform(-1, 1, (int(ends[-1]), 4)).astype(np.float32)
+    obs = rng.uniform(-1, 1, (int(TOY_ENDS[-1]), 4)).astype(np.float32)
     action = np.tanh(obs[:, :2] * 2 + 0.1).astype(np.float32)  # learnable from the current obs
-    return write_zarr(tmp_path / "toy.zarr", obs, action, ends, {"env": "toy", "obs_layout": [["x", 4]]})
+    return write_zarr(tmp_path / "toy.zarr", obs, action, TOY_ENDS, {"env": "toy", "obs_layout": [["x", 4]]})
 
 
 def test_sequence_indices_pad_by_repeating_episode_edges():
@@ -187,26 +194,22 @@ def test_init_from_warm_starts_from_a_shipped_checkpoint(dataset_path, tmp_path)
     with pytest.raises(ValueError, match="init_from=.*another policy"):
         train(tiny(dataset_path, tmp_path / "other", init_from=str(shipped), model=dict(n_layer=2, n_head=2, n_emb=16)))
     buffer = ReplayBuffer.load(dataset_path)
-    other = write_zarr(tmp_path / "other.zarr", np.asarray(buffer.obs) * 2, np.asarray(buffer.action),
-                       np.cumsum([30, 25, 40, 20]).astype(np.int64), {"env": "toy"})
+    other = toy_like(tmp_path / "other.zarr", np.asarray(buffer.obs) * 2, buffer.action)
     with pytest.raises(ValueError, match="obs_normalizer differs"):
         train(tiny(other, tmp_path / "otherdata", init_from=str(shipped)))
     obs = np.array(buffer.obs)  # a recollection: one dimension's range moved by 1.5%, within the tolerance
     obs[np.argmax(obs[:, 0]), 0] += 0.015 * np.ptp(obs[:, 0])
-    recollected = write_zarr(tmp_path / "recollected.zarr", obs, np.asarray(buffer.action),
-                             np.cumsum([30, 25, 40, 20]).astype(np.int64), {"env": "toy"})
+    recollected = toy_like(tmp_path / "recollected.zarr", obs, buffer.action)
     warm = pa.load_policy(train(tiny(recollected, tmp_path / "recollected", steps=1, lr=0.0, warmup_steps=0,
                                      init_from=str(shipped))))
     assert torch.equal(warm.obs_normalizer.max, start.obs_normalizer.max)  # the checkpoint's own normalisers
     obs[np.argmax(obs[:, 0]), 0] += 0.01 * np.ptp(obs[:, 0])  # now 2.5% beyond: refused
     with pytest.raises(ValueError, match=r"obs_normalizer differs .*reaches 2\.5% of a range beyond"):
-        train(tiny(write_zarr(tmp_path / "beyond.zarr", obs, np.asarray(buffer.action),
-                              np.cumsum([30, 25, 40, 20]).astype(np.int64), {"env": "toy"}),
+        train(tiny(toy_like(tmp_path / "beyond.zarr", obs, buffer.action),
                    tmp_path / "beyond", init_from=str(shipped)))
     action = np.array(buffer.action)  # the most extreme action not redrawn: 10% of a range unused, accepted
     action[:, 1] = np.maximum(action[:, 1], action[:, 1].min() + 0.1 * np.ptp(action[:, 1]))
-    narrower = write_zarr(tmp_path / "narrower.zarr", np.asarray(buffer.obs), action,
-                          np.cumsum([30, 25, 40, 20]).astype(np.int64), {"env": "toy"})
+    narrower = toy_like(tmp_path / "narrower.zarr", buffer.obs, action)
     warm = pa.load_policy(train(tiny(narrower, tmp_path / "narrower", steps=1, lr=0.0, warmup_steps=0,
                                      init_from=str(shipped))))
     assert torch.equal(warm.action_normalizer.min, start.action_normalizer.min)
@@ -250,8 +253,7 @@ def test_a_run_carries_across_sittings_through_an_fp16_snapshot(dataset_path, tm
     # a dataset recollected elsewhere may differ in the last digits: the checkpoint's normalisers win
     buffer = ReplayBuffer.load(dataset_path)
     obs = np.asarray(buffer.obs) * (1 + 1e-5)
-    near = write_zarr(tmp_path / "near.zarr", obs, np.asarray(buffer.action),
-                      np.cumsum([30, 25, 40, 20]).astype(np.int64), {"env": "toy"})
+    near = toy_like(tmp_path / "near.zarr", obs, buffer.action)
     warm = pa.load_policy(train(tiny(near, tmp_path / "near", steps=2, init_from=str(snap))))
     assert torch.equal(warm.obs_normalizer.scale, snapshot.obs_normalizer.scale)
 
