@@ -82,8 +82,9 @@ ship-%: schedules-% card-rollout-%
 # Horizon 10 as Diffusion Policy's transformer on robomimic (To 2, Ta 8, Tp 10): 1.5x faster steps than 16;
 # the first segments ran at 16 and warm-start exactly (a causal DP-T's first 10 outputs never see the rest).
 TRAIN_STEPS ?= 8000
-# bf16 only where the CPU has avx512_bf16 (else emulated: many times slower than fp32)
-TRAIN_PRECISION ?= fp32
+# bf16 autocast where the CPU has avx512_bf16 (else emulated: many times slower than fp32). On the Xeon with AMX
+# of 2026-12-02: 0.37 s per Square step against 0.65 in fp32 (1 thread), the loss equal to 4 digits over 60 steps
+TRAIN_PRECISION ?= $(if $(shell grep -m1 -ow avx512_bf16 /proc/cpuinfo 2>/dev/null),bf16,fp32)
 train-%: $(STAMP) data/%_abs_rot6d.zarr
 	nice -n 19 $(PY) eval/train.py env=$* dataset=data/$*_abs_rot6d.zarr out_dir=runs/$*_abs_h10_dp_t export_dir=null horizon=10 \
 		snapshot_dir=checkpoints/$*_dp_t/in_training steps=$(TRAIN_STEPS) save_every=500 precision=$(TRAIN_PRECISION) \

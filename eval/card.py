@@ -63,11 +63,12 @@ def flat_segments(segments: list[dict], end_step: int) -> list[dict]:
     runs = [s for s in segments if "init_from" not in s]
     if not runs:  # a warm start's source that recorded no segments (checkpoints older than the records)
         return rows + [{"first": 0, "last": end_step, "lr_steps": None, "precision": "-", "hours": None,
-                        "dataset": "-", "init_from": None}] if end_step else rows
+                        "cpu_hours": None, "dataset": "-", "init_from": None}] if end_step else rows
     ends = [s["from_step"] for s in runs[1:]] + [end_step - offset]
     for s, end in zip(runs, ends, strict=True):
         rows.append({"first": offset + s["from_step"], "last": offset + end, "lr_steps": s["steps"],
-                     "precision": s["precision"], "hours": s.get("hours"), "dataset": s.get("dataset", "-"),
+                     "precision": s["precision"], "hours": s.get("hours"), "cpu_hours": s.get("cpu_hours"),
+                     "dataset": s.get("dataset", "-"),
                      "init_from": init["init_from"] if init and s is runs[0] else None})
     return rows
 
@@ -80,7 +81,8 @@ def render_in_training(checkpoint: str) -> str:
     lines = [f"# {checkpoint}: in training", "",
              f"An intermediate weight file (EMA weights in fp16) of a run that spans several sittings; not a "
              f"shipped policy and not benchmarked. {info['train_steps']} steps so far, {hours:.1f} h of "
-             f"compute recorded. Data: `{info.get('dataset_command')}` ({info.get('n_episodes')} episodes, "
+             f"wall time recorded (pauses included; the table's CPU hours, where recorded, exclude them). "
+             f"Data: `{info.get('dataset_command')}` ({info.get('n_episodes')} episodes, "
              f"{info.get('n_windows')} windows; env options {(info.get('env_spec') or {}).get('kwargs')}). "
              f"Next sitting: `make train-{info['env']}`, or `python eval/train.py env={info['env']} "
              f"dataset={info.get('dataset')} init_from={checkpoint} snapshot_dir={checkpoint} ...`.", "",
@@ -90,12 +92,14 @@ def render_in_training(checkpoint: str) -> str:
 
 def segment_table(rows: list[dict]) -> list[str]:
     """A table of flat_segments' rows: each stretch of training, with the warm start it began from."""
-    lines = ["| steps | LR schedule | precision | hours | data | started from |", "|---|---|---|---|---|---|"]
+    lines = ["| steps | LR schedule | precision | wall hours | CPU hours | data | started from |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
-        h = f"{r['hours']:.2f}" if r["hours"] is not None else "-"
+        h, cpu = (f"{r[k]:.2f}" if r.get(k) is not None else "-" for k in ("hours", "cpu_hours"))
         origin = f"`{r['init_from']}` (its EMA weights)" if r["init_from"] else "-"
         lr = f"cosine over {r['lr_steps']}" if r["lr_steps"] is not None else "not recorded"
-        lines.append(f"| {r['first']}-{r['last']} | {lr} | {r['precision']} | {h} | `{r['dataset']}` | {origin} |")
+        lines.append(f"| {r['first']}-{r['last']} | {lr} | {r['precision']} | {h} | {cpu} "
+                     f"| `{r['dataset']}` | {origin} |")
     return lines
 
 

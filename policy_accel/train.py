@@ -272,7 +272,7 @@ def train(cfg: TrainConfig) -> Path:
     segments = state.get("segments", []) if state is not None else ([init] if init else [])
     if not segments or (segments[-1]["steps"], segments[-1]["precision"]) != (cfg.steps, cfg.precision):
         segments.append({"from_step": step, "steps": cfg.steps, "precision": cfg.precision,
-                         "dataset": str(cfg.dataset), "hours": 0.0})
+                         "dataset": str(cfg.dataset), "hours": 0.0, "cpu_hours": 0.0})
 
     def train_info():
         before = segments[0].get("init_train_steps", 0) if segments else 0
@@ -291,7 +291,8 @@ def train(cfg: TrainConfig) -> Path:
         return export_checkpoint(policy, ema, out / CHECKPOINT_DIR, train_info())
 
     bar = tqdm(total=cfg.steps, initial=step, disable=not cfg.progress, desc=f"train {cfg.env}", unit="step")
-    running, count, t0 = torch.zeros((), device=device), 0, time.perf_counter()
+    # wall hours include any time the job sat paused (SIGSTOP); CPU hours (all threads) do not
+    running, count, t0, cpu0 = torch.zeros((), device=device), 0, time.perf_counter(), time.process_time()
     with open(out / LOG_FILE, "a") as log, _stop_requests() as stop:
         while step < cfg.steps:
             obs, action = dataset.batch(batch_indices(step, len(dataset), cfg.batch_size, cfg.seed))
@@ -313,11 +314,12 @@ def train(cfg: TrainConfig) -> Path:
                 rec = {"step": step, "loss": mean, "lr": lr_scheduler.get_last_lr()[0],
                        "sec_per_step": (time.perf_counter() - t0) / count}
                 segments[-1]["hours"] = segments[-1].get("hours", 0.0) + (time.perf_counter() - t0) / 3600
+                segments[-1]["cpu_hours"] = segments[-1].get("cpu_hours", 0.0) + (time.process_time() - cpu0) / 3600
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
                 bar.set_postfix(loss=f"{mean:.4f}")
                 running.zero_()
-                count, t0 = 0, time.perf_counter()
+                count, t0, cpu0 = 0, time.perf_counter(), time.process_time()
             if step % cfg.save_every == 0 or step == cfg.steps or stop.is_set():
                 save()
             if stop.is_set():

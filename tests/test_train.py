@@ -174,7 +174,7 @@ def test_raising_steps_extends_a_finished_run_on_the_longer_schedule(dataset_pat
     assert log[2]["lr"] == pytest.approx(lrs[5]) and log[2]["lr"] > 0  # ...the extension follows the 8-step one
     segments = pa.load_policy(tmp_path / "run" / "checkpoint").config.info["train_segments"]
     assert stretches(segments) == [(0, 4, "fp32"), (4, 8, "fp32")]
-    assert all(s["dataset"] == str(dataset_path) and s["hours"] > 0 for s in segments)
+    assert all(s["dataset"] == str(dataset_path) and s["hours"] > 0 and s["cpu_hours"] > 0 for s in segments)
 
 
 def test_init_from_warm_starts_from_a_shipped_checkpoint(dataset_path, tmp_path):
