@@ -179,7 +179,10 @@ def run_variant(cfg, policy, mode: str, method, obs, reference) -> dict:
 
 
 def machine(device: str) -> dict:
-    info = {"host": platform.node(), "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+    from eval.rollout import cpu_model
+
+    info = {"host": platform.node(), "cpu": platform.processor() or platform.machine(), "cpu_model": cpu_model(),
+            "torch": torch.__version__,
             "cuda": torch.version.cuda, "float32_matmul_precision": torch.get_float32_matmul_precision()}
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(device)

@@ -158,8 +158,22 @@ def run_success(policy, venv, seeds: list[int], desc: str, progress: bool, recor
 def machine() -> dict:
     """Where latency was timed; the load average (taken right after timing, the timer itself counts 1)
     shows whether anything else was running."""
-    return {"host": platform.node(), "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "torch": torch.__version__, "threads": torch.get_num_threads(), "load_avg_1m": os.getloadavg()[0]}
+    return {"host": platform.node(), "cpu": platform.processor() or platform.machine(), "cpu_model": cpu_model(),
+            "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "load_avg_1m": os.getloadavg()[0]}
+
+
+def cpu_model() -> str:
+    """The CPU's model name and its widest vector ISA (Linux; a VM may hide the model), so that tables
+    timed on different machines are not compared."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    name = next((x.split(":", 1)[1].strip() for x in info.splitlines() if x.startswith("model name")), "unknown")
+    flags = set(next((x.split(":", 1)[1].split() for x in info.splitlines() if x.startswith("flags")), []))
+    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return f"{name} ({', '.join(isa) or 'no avx2'})"
 
 
 def success_row(policy, venv, method, seeds: list[int], checkpoint, progress: bool = False,
