@@ -47,6 +47,7 @@ class SweepConfig:
     num_cpus: int | None = None  # local Ray only; default all cores
     plot: bool = True
     latency: bool = True  # false: run the missing success shards only (no timing, no merge), e.g. beside other work
+    retime: bool = False  # time again even if latency.json holds these methods (another machine, a quieter one)
     out: str | None = None  # also write this run's rows as a rollout-style JSON (what eval/card.py reads)
 
     def __post_init__(self):
@@ -178,7 +179,7 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
     hist_path = run_dir / "latency_histories.npy"
     lat_path = run_dir / "latency.json"
     lat = json.loads(lat_path.read_text()) if lat_path.exists() else None
-    need_latency = cfg.latency and (lat is None or lat["specs"] != list(cfg.methods)
+    need_latency = cfg.latency and (cfg.retime or lat is None or lat["specs"] != list(cfg.methods)
                                     or lat.get("schedule_sha256") != digests)
     if not todo and not need_latency:
         print(f"{policy_name}: every point is done; merging")

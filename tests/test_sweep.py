@@ -36,6 +36,11 @@ def test_sweep_end_to_end_on_ray_is_resumable_and_writes_schema(tmp_path, capsys
     again = sweep.main(args + ["methods=[uncached,ddim5,taylorseer4o1]", "plot=false", f"out={out}"])
     assert "every point is done" in capsys.readouterr().out
     assert again == rows and all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+    latency = tmp_path / "results" / "runs" / "push2d_tiny" / "latency.json"
+    timed = latency.stat().st_mtime_ns
+    sweep.main(args + ["methods=[uncached,ddim5,taylorseer4o1]", "plot=false", "retime=true"])
+    assert "timing 3 methods" in capsys.readouterr().out and latency.stat().st_mtime_ns != timed
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())  # re-timed, not re-run
     # the card reads a sweep's out= file as it reads a rollout's JSON
     from eval import card
 
