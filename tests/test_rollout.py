@@ -170,14 +170,14 @@ def test_rollout_end_to_end_on_push2d_writes_summary(tmp_path):
     assert card.per_task_lines(multi)[-3:] == ["|---|---|---|", "| reach-v3 | 3/5 | 3/5 |", "| push-v3 | 1/5 | 0/5 |"]
     two = {"train_steps": 200, "train_segments": [{"from_step": 0, "steps": 100, "precision": "fp32"},
                                                   {"from_step": 100, "steps": 200, "precision": "bf16"}]}
-    assert card._history_lines(two)[-2:] == ["| 0-100 | cosine over 100 | fp32 | - | `-` | - |",
-                                             "| 100-200 | cosine over 200 | bf16 | - | `-` | - |"]
+    assert card._history_lines(two)[-2:] == ["| 0-100 | cosine over 100 | fp32 | - | - | `-` | - |",
+                                             "| 100-200 | cosine over 200 | bf16 | - | - | `-` | - |"]
     warm = [{"from_step": 0, "steps": 0, "precision": "-", "init_from": "ck", "init_train_steps": 50,
-             "history": [{"from_step": 0, "steps": 50, "precision": "fp32", "hours": 0.5}]},
+             "history": [{"from_step": 0, "steps": 50, "precision": "fp32", "hours": 0.5, "cpu_hours": 0.25}]},
             {"from_step": 0, "steps": 30, "precision": "bf16"}]
     assert card._history_lines({"train_steps": 80, "train_segments": warm})[-2:] == [
-        "| 0-50 | cosine over 50 | fp32 | 0.50 | `-` | - |",
-        "| 50-80 | cosine over 30 | bf16 | - | `-` | `ck` (its EMA weights) |"]
+        "| 0-50 | cosine over 50 | fp32 | 0.50 | 0.25 | `-` | - |",  # wall hours, then CPU hours
+        "| 50-80 | cosine over 30 | bf16 | - | - | `-` | `ck` (its EMA weights) |"]
     assert card._run_scope({"train_steps": 80, "train_segments": warm}) == " for the last 30 of them"
     assert card._run_scope({"train_steps": 80, "train_segments": warm[1:]}) == ""
 
