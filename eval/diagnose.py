@@ -94,14 +94,16 @@ def highest(task: str, e: dict, until: int = 10**9) -> str:
 
 
 def update(ep: dict, task: str, env, action: np.ndarray, t: int, success: bool) -> None:
-    f, obj, rest = phase_flags(task, env, float(action[6]))
+    """`action` as the env takes it: the gripper command is its last entry (action[6] of a delta action,
+    action[9] of an absolute rot6d one)."""
+    f, obj, rest = phase_flags(task, env, float(action[-1]))
     f["success"] = success
     for p in PHASES[task]:
         if f[p] and p not in ep["first"]:
             ep["first"][p] = t
     ep["tipped"] |= f["tipped"]
     ep["dropped"] |= "lifted" in ep["first"] and bool(obj[2] < rest + 0.01) and not f.get("in_bin", f.get("inserted"))
-    closed = bool(action[6] > 0)
+    closed = bool(action[-1] > 0)
     ep["closures"] += int(closed and not ep["_closed"])
     ep["_closed"], ep["success"], ep["steps"] = closed, success, t
 
