@@ -38,7 +38,14 @@ def load_rows(summary) -> list[dict]:
     path = Path(summary)
     if not path.exists():
         raise FileNotFoundError(f"no results at {path}; run eval/sweep.py first")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    for policy in {r["policy"] for r in rows}:
+        hashes = {r.get("checkpoint_hash") for r in rows if r["policy"] == policy}
+        if len(hashes) > 1:
+            raise ValueError(f"{path}: the rows of {policy} come from {len(hashes)} different checkpoints "
+                             f"({sorted(str(h)[:12] for h in hashes)}); a replaced checkpoint's rows belong in "
+                             f"eval/results/superseded/, not beside the new one's")
+    return rows
 
 
 def frontier(rows: list[dict]) -> list[dict]:

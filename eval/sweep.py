@@ -224,12 +224,14 @@ def shard_path(run_dir: Path, spec: str, seeds: list[int]) -> Path:
 def merge(cfg: SweepConfig, run_dir: Path, shards: list[list[int]], lat: dict) -> list[dict]:
     from eval.rollout import add_ratios, wilson_interval
 
+    checkpoint_hash = json.loads((run_dir / "meta.json").read_text())["checkpoint_hash"]
     rows = []
     for spec in cfg.methods:
         parts = [json.loads(shard_path(run_dir, spec, s).read_text()) for s in shards]
         n, k = sum(p["n_episodes"] for p in parts), sum(p["successes"] for p in parts)
         low, high = wilson_interval(k, n)
         row = {key: parts[0][key] for key in ("policy", "task", "method", "setting")}
+        row["checkpoint_hash"] = checkpoint_hash
         row.update(n_episodes=n, successes=k, success_rate=k / n, ci_low=low, ci_high=high,
                    failed_seeds=sorted(s for p in parts for s in p["failed_seeds"]),
                    success_hosts=sorted({p["host"] for p in parts}), **lat["fields"][spec],
@@ -241,10 +243,15 @@ def merge(cfg: SweepConfig, run_dir: Path, shards: list[list[int]], lat: dict) -
     add_ratios(rows)
     summary = Path(cfg.results_dir) / "summary.jsonl"
     keep = []
-    if summary.exists():  # rows of other policies, and settings of this one not in this sweep, stay
-        ours = {(r["policy"], r["setting"]) for r in rows}
-        keep = [json.loads(x) for x in summary.read_text().splitlines() if x.strip()]
-        keep = [r for r in keep if (r["policy"], r["setting"]) not in ours]
+    if summary.exists():  # rows of other policies, and this checkpoint's settings not in this sweep, stay
+        policy, ours = rows[0]["policy"], {r["setting"] for r in rows}
+        old = [json.loads(x) for x in summary.read_text().splitlines() if x.strip()]
+        replaced = [r for r in old if r["policy"] == policy and r.get("checkpoint_hash") != checkpoint_hash]
+        if replaced:  # a retrained checkpoint under the same name: its predecessor's rows never mix with its own
+            print(f"{policy}: dropping {len(replaced)} row(s) of {summary} measured on other weights than "
+                  f"{checkpoint_hash[:12]} (checkpoint_hash {replaced[0].get('checkpoint_hash')})")
+        keep = [r for r in old if r["policy"] != policy
+                or (r.get("checkpoint_hash") == checkpoint_hash and r["setting"] not in ours)]
     summary.write_text("".join(json.dumps(r) + "\n" for r in keep + rows))
     return rows
 

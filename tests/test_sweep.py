@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from eval.calibrate import main as calibrate_cli
 from eval.methods import parse_method
@@ -79,6 +80,36 @@ def test_sweep_end_to_end_on_ray_is_resumable_and_writes_schema(tmp_path, capsys
     full = report.settings_table(merged, "push2d").splitlines()[2:]
     settings = sorted(x.split(" | ")[0].strip("| ") for x in full)
     assert settings == ["bac3nb", "ddim5", "taylorseer4o1", "uncached", "uniform4"]
+    assert {r["checkpoint_hash"] for r in merged} == {json.loads((run_dir.parent / "meta.json").read_text())
+                                                       ["checkpoint_hash"]}
+
+    # a retrained checkpoint under the same name: once its old run folder is moved away, the old rows go too
+    import shutil
+
+    from policy_accel.checkpoint import load_policy
+
+    shutil.rmtree(run_dir.parent)
+    policy = load_policy(ckpt)
+    with torch.no_grad():
+        next(policy.model.parameters()).add_(0.01)
+    policy.save(ckpt)
+    capsys.readouterr()
+    sweep.main(args + ["methods=[uncached]", "plot=false"])
+    assert "push2d_tiny: dropping 5 row(s)" in capsys.readouterr().out
+    rows = [json.loads(x) for x in summary.read_text().splitlines()]
+    assert [r["setting"] for r in rows] == ["uncached"] and rows[0]["checkpoint_hash"] == policy.checkpoint_hash
+
+
+def test_report_refuses_rows_of_one_policy_from_two_checkpoints(tmp_path):
+    from eval import report
+
+    row = {"policy": "can_dp_t", "task": "can", "setting": "uncached", "checkpoint_hash": "a" * 64}
+    path = tmp_path / "summary.jsonl"
+    path.write_text(json.dumps(row) + "\n" + json.dumps({**row, "setting": "ddim10"}) + "\n")
+    assert len(report.load_rows(path)) == 2
+    path.write_text(json.dumps(row) + "\n" + json.dumps({**row, "setting": "ddim10", "checkpoint_hash": "b" * 64}))
+    with pytest.raises(ValueError, match="rows of can_dp_t come from 2 different checkpoints"):
+        report.load_rows(path)
 
 
 def test_full_call_equivalents_take_one_call_from_the_fewest_step_row_of_ddim_or_flow():
