@@ -2,6 +2,7 @@
 labels) on push2d with tiny policies."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ import torch
 
 from eval.calibrate import main as calibrate_cli
 from eval.methods import parse_method
+from policy_accel.checkpoint import load_policy
 from tests.test_rollout import SUMMARY_FIELDS, tiny_checkpoint
 from tests.test_train import write_zarr
 
@@ -84,10 +86,6 @@ def test_sweep_end_to_end_on_ray_is_resumable_and_writes_schema(tmp_path, capsys
                                                        ["checkpoint_hash"]}
 
     # a retrained checkpoint under the same name: once its old run folder is moved away, the old rows go too
-    import shutil
-
-    from policy_accel.checkpoint import load_policy
-
     shutil.rmtree(run_dir.parent)
     policy = load_policy(ckpt)
     with torch.no_grad():
