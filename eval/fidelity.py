@@ -14,7 +14,9 @@ the action error against two references:
 
 Errors are in the action space the env receives: mean |Δa| and the 95th percentile of |Δa| over
 all chunk entries, and the fraction of chunk entries whose last action dimension (the gripper on the
-robosuite tasks) changes sign. Writes JSON and a PNG of error vs FLOP ratio.
+robosuite tasks) changes sign. For scale it also prints the sampling spread: the uncached policy against
+itself with other initial and per-step noise (seed + 1), how far two draws of the policy lie apart.
+Writes JSON and a PNG of error vs FLOP ratio (the spread as a dashed line).
 """
 
 import sys
@@ -99,13 +101,16 @@ def fidelity(cfg: FidelityConfig) -> dict:
     for spec in tqdm(sorted(references) + [m.spec for m in methods if m.spec not in references], desc="methods"):
         outputs[spec] = run_method(policy, parse_method(spec), cfg.checkpoint, history, noise, cfg.seed)
     native_actions, native_flops = outputs["uncached"]
+    other_noise = torch.randn(noise.shape, generator=torch.Generator().manual_seed(cfg.seed + 1))
+    redrawn, _ = run_method(policy, parse_method("uncached"), cfg.checkpoint, history, other_noise, cfg.seed + 1)
     rows = []
     for m in methods:
         actions, flops = outputs[m.spec]
         rows.append({"method": m.name, "setting": m.spec, "base": base_of(m), "flops_ratio": flops / native_flops,
                      "vs_base": action_error(actions, outputs[base_of(m)][0]),
                      "vs_native": action_error(actions, native_actions)})
-    return {"checkpoint": cfg.checkpoint, "observations": len(history), "config": asdict(cfg), "results": rows}
+    return {"checkpoint": cfg.checkpoint, "observations": len(history), "config": asdict(cfg),
+            "sampling_spread": action_error(redrawn, native_actions), "results": rows}
 
 
 def plot(result: dict, out: Path) -> None:
@@ -123,6 +128,9 @@ def plot(result: dict, out: Path) -> None:
             x, y = r["flops_ratio"], r[key]["mean_abs"]
             ax.scatter(x, y, color=colour, marker=marker, s=50)
             ax.annotate(r["setting"], (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        ax.axhline(result["sampling_spread"]["mean_abs"], color="grey", ls="--", lw=1,
+                   label="uncached vs itself, other noise")
+        ax.legend(fontsize=7, loc="upper right")
         ax.set_xscale("log")
         ax.set_xlabel("FLOPs per chunk / uncached")
         ax.set_ylabel("mean |Δ action|")
@@ -145,6 +153,9 @@ def main(cfg: FidelityConfig) -> dict:
         b, n = r["vs_base"], r["vs_native"]
         print(f"{r['setting']:<26}{r['flops_ratio']:>7.3f}{r['base']:>10}{b['mean_abs']:>14.4f}{n['mean_abs']:>16.4f}"
               f"{n['p95_abs']:>15.4f}{n['last_dim_sign_flips']:>16.1%}")
+    sp = result["sampling_spread"]
+    print(f"{'uncached, other noise':<34}{'':>10}{'':>14}{sp['mean_abs']:>16.4f}{sp['p95_abs']:>15.4f}"
+          f"{sp['last_dim_sign_flips']:>16.1%}   (sampling spread, for scale)")
     out = Path(cfg.out or f"outputs/fidelity_{Path(cfg.checkpoint).name}.json")
     write_json(out, result)
     print(f"wrote {out}")

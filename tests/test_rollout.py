@@ -265,6 +265,7 @@ def test_calibrate_cli_writes_schedules_that_methods_load(tmp_path):
     assert rows["uniform2@ddim10"]["base"] == "ddim10" and rows["uniform2@ddim10"]["vs_base"]["mean_abs"] > 0
     assert rows["uniform4"]["vs_base"] == rows["uniform4"]["vs_native"] and rows["uniform4"]["vs_base"]["mean_abs"] > 0
     assert rows["ddim5"]["flops_ratio"] == pytest.approx(5 / 20, rel=0.02)
+    assert result["sampling_spread"]["mean_abs"] > 0  # a second draw with other noise: not the same actions
 
 
 SUMMARY_FIELDS = {"policy", "task", "method", "setting", "n_episodes", "successes", "success_rate", "ci_low",
