@@ -6,6 +6,7 @@ frames of failed episodes, and how far failure states are from the demos. Lockst
     MUJOCO_GL=egl python eval/diagnose.py task=can                      # expert + checkpoints/can_dp_t, DDIM-10
     MUJOCO_GL=egl python eval/diagnose.py task=can 'noise_seeds=[0,1]'  # policy twice, other sampling noise
     MUJOCO_GL=egl python eval/diagnose.py task=square run_policy=false      # expert only (no DART noise)
+    MUJOCO_GL=egl python eval/diagnose.py task=square method=bac5 expert=false  # the funnel of a cached setting
 
 Phases, from the simulator each step (rest_z: object centre height when resting on the table / bin floor):
 reached: eef within 2.5 cm of the grasp point (can centre; square: the nut's handle site). grasped: gripper
@@ -40,6 +41,7 @@ import policy_accel as pa  # noqa: E402
 from envs.collect import derived_seed  # noqa: E402
 from envs.robosuite_experts import wrap, yaw_of  # noqa: E402
 from eval.cli import hydra_app  # noqa: E402
+from eval.methods import apply_method, parse_method  # noqa: E402
 from eval.rollout import make_vector_env  # noqa: E402
 from policy_accel.data import ReplayBuffer  # noqa: E402
 from policy_accel.normalizer import MinMaxNormalizer  # noqa: E402
@@ -63,11 +65,18 @@ class DiagnoseConfig:
     expert_episodes: int = 100
     seed: int = 100000  # first held-out seed
     num_envs: int = 25
-    sampler: str = "ddim10"  # ddim<K> or ddpm<K>
+    sampler: str | None = None  # ddim<K> or ddpm<K>; ddim10 unless `method` is given
+    method: str | None = None  # or a benchmark method (policy_accel/recipes.py), e.g. bac5 or uniform4@ddim10
     noise_seeds: list[int] = field(default_factory=lambda: [0])  # one policy pass per sampling-noise seed
     data: str | None = None  # demos, default data/<task>.zarr
     n_render: int = 3
     out_dir: str = "eval/results/diagnosis"
+
+    def __post_init__(self):
+        if self.sampler and self.method:
+            raise ValueError(f"give sampler ({self.sampler}) or method ({self.method}), not both")
+        if self.method:
+            parse_method(self.method)
 
 
 def phase_flags(task: str, env, grip_cmd: float) -> tuple[dict, np.ndarray, float]:
@@ -241,9 +250,14 @@ def main(cfg: DiagnoseConfig) -> dict:
     if cfg.run_policy:
         checkpoint = Path(cfg.checkpoint or f"checkpoints/{cfg.task}_dp_t")
         policy = pa.load_policy(checkpoint)
-        kind = cfg.sampler.rstrip("0123456789")
-        policy.set_sampler(SamplerConfig(kind, int(cfg.sampler[len(kind):]), policy.config.sampler.num_train_steps))
+        if cfg.method:
+            apply_method(policy, parse_method(cfg.method), checkpoint)
+        else:
+            sampler = cfg.sampler or "ddim10"
+            kind = sampler.rstrip("0123456789")
+            policy.set_sampler(SamplerConfig(kind, int(sampler[len(kind):]), policy.config.sampler.num_train_steps))
         out["policy"] = {"checkpoint": str(checkpoint), "checkpoint_hash": policy.checkpoint_hash, "passes": [],
+                         "method": cfg.method,
                          "sampler": policy.sampler.to_dict(), "native_sampler": policy.config.sampler.to_dict()}
     spec = policy.config.info["env_spec"] if policy else envs.make_env(cfg.task).spec_dict()
     chunk = policy.config.n_action_steps if policy else 8
@@ -264,7 +278,7 @@ def main(cfg: DiagnoseConfig) -> dict:
             policy.seed(padded[0] + 10**6 * k)  # k = 0: the sampling noise of eval/rollout.py
             return lambda obs, done: policy.select_action(obs, done=done)
         eps, wall = run_all(cfg.task, venv, list(range(cfg.seed, cfg.seed + cfg.episodes)), policy_act, chunk,
-                            f"policy {cfg.sampler} noise_seed={k}")
+                            f"policy {cfg.method or cfg.sampler or 'ddim10'} noise_seed={k}")
         out["policy"]["passes"].append({"noise_seed": k, **summarise(cfg.task, eps), "wall_s": wall})
         groups.setdefault("policy_success", []).extend(e for e in eps if e["success"])
         groups.setdefault("policy_failure", []).extend(e for e in eps if not e["success"])

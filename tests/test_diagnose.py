@@ -25,3 +25,13 @@ def test_closures_count_the_gripper_entry_not_a_rotation_entry(kwargs, act_dim):
     update(ep, "square", env.unwrapped, action, 3, False)  # still closed: not a new closure
     assert ep["closures"] == 1
     env.close()
+
+
+def test_config_takes_a_sampler_or_a_method_not_both():
+    from eval.diagnose import DiagnoseConfig
+
+    assert DiagnoseConfig(task="square", method="bac5").method == "bac5"
+    with pytest.raises(ValueError, match="not both"):
+        DiagnoseConfig(task="square", sampler="ddim10", method="bac5")
+    with pytest.raises(ValueError):
+        DiagnoseConfig(task="square", method="bac_nonsense")
