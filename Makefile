@@ -47,7 +47,7 @@ train-mt10_%: $(STAMP) data/mt10_lang.zarr
 
 # After `python eval/train.py env=<task>`: the schedules configs/sweep.yaml and sweep_low_latency.yaml need, the card's
 # 100-episode rollout, and the card.  make -j2 ship-lift  (calibration and rollout run side by side;
-# needs data/<task>.zarr and runs/<task>_dp_t; rerun after an interruption: finished parts are kept)
+# needs data/<task>.zarr and the run's log (RUN_DIR_<task>); rerun after an interruption: finished parts are kept)
 # skip_current: a calibration whose files exist for these weights is not redone (retraining redoes all)
 CALIBRATE = $(PY) eval/calibrate.py num_threads=1 skip_current=true checkpoint=checkpoints/$*_dp_t
 .PHONY: schedules-% card-rollout-%
@@ -72,8 +72,12 @@ card-rollout-%: $(STAMP)
 	$(PY) eval/sweep.py checkpoint=checkpoints/$*_dp_t 'methods=[uncached,ddim10,ddim20,ddim50]' \
 		num_cpus=1 plot=false out=eval/results/rollout_$*.json
 
+# where each task's training wrote log.jsonl (train-square, train-can below; Lift: python eval/train.py env=lift)
+RUN_DIR_square := runs/square_abs_h10_dp_t
+RUN_DIR_can := runs/can_delta_h10_dp_t
 ship-%: schedules-% card-rollout-%
-	$(PY) eval/card.py checkpoint=checkpoints/$*_dp_t run_dir=runs/$*_dp_t rollout=eval/results/rollout_$*.json
+	$(PY) eval/card.py checkpoint=checkpoints/$*_dp_t run_dir=$(or $(RUN_DIR_$*),runs/$*_dp_t) \
+		rollout=eval/results/rollout_$*.json
 
 # Training longer than one sitting (Square: absolute eef-pose actions, 6D rotations in the obs; Can below):
 # resumes runs/<task>_abs_dp_t when it exists, else warm-starts from the committed fp16 snapshot
