@@ -6,7 +6,8 @@ parallel on Ray, resumable, merged into eval/results/summary.jsonl and plotted b
     python eval/sweep.py checkpoint=... 'methods=[uncached,ddim10,bac10]' episodes=20
 
 Success: one Ray task per (method, seed shard), each a lockstep vector-env rollout (eval/rollout.py);
-a finished shard is a JSON file under <results_dir>/runs/<policy>/success/ and is never recomputed.
+a finished shard is a JSON file under <results_dir>/runs/<policy>/success/ and is never recomputed;
+with reuse_from=[<other results_dir>] one finished there for the same run is copied instead.
 Latency: after all success tasks, one Ray task that reserves every CPU of its node (so it runs on an
 otherwise idle worker) times every method at batch 1 in interleaved rounds, on observation histories
 recorded by the first method's first shard; it records the host that timed it. It is redone only
@@ -15,6 +16,7 @@ when the method list changes, since speedups must come from one process run.
 
 import json
 import math
+import shutil
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,6 +51,9 @@ class SweepConfig:
     latency: bool = True  # false: run the missing success shards only (no timing, no merge), e.g. beside other work
     retime: bool = False  # time again even if latency.json holds these methods (another machine, a quieter one)
     out: str | None = None  # also write this run's rows as a rollout-style JSON (what eval/card.py reads)
+    # other results dirs: a finished shard of the same checkpoint, num_envs, seeds and schedule file is copied
+    # from there, not rerun (rollouts are deterministic given these; the low-latency list shares the main one's)
+    reuse_from: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         for name in ("episodes", "shards", "num_envs", "latency_rounds", "latency_repeats"):
@@ -56,6 +61,9 @@ class SweepConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.shards > self.episodes:
             raise ValueError(f"shards={self.shards} > episodes={self.episodes}")
+        for d in self.reuse_from:
+            if not Path(d).is_dir():
+                raise ValueError(f"reuse_from: {d} is not a directory")
         specs = [parse_method(m).spec for m in self.methods]
         if len(set(specs)) != len(specs):
             raise ValueError(f"methods lists a setting twice: {specs}")
@@ -130,6 +138,20 @@ def check_run_dir(cfg: SweepConfig, run_dir: Path) -> None:
     path.write_text(json.dumps({**meta, "config": asdict(cfg)}, indent=1) + "\n")
 
 
+def reusable_shard(cfg: SweepConfig, run_dir: Path, path: Path, digest: str | None) -> Path | None:
+    """The same shard finished under another results dir of cfg.reuse_from, if its run matches ours."""
+    ours = {k: v for k, v in json.loads((run_dir / "meta.json").read_text()).items() if k != "config"}
+    for d in cfg.reuse_from:
+        other = Path(d) / "runs" / run_dir.name
+        source = other / "success" / path.name
+        if other.resolve() == run_dir.resolve() or not source.exists() or not (other / "meta.json").exists():
+            continue
+        theirs = {k: v for k, v in json.loads((other / "meta.json").read_text()).items() if k in ours}
+        if theirs == ours and json.loads(source.read_text()).get("schedule_sha256") == digest:
+            return source
+    return None
+
+
 def check_schedules(cfg: SweepConfig) -> None:
     """Fail before any work when a BAC setting has no calibrated schedule; say how to make them."""
     from policy_accel.policy import PolicyConfig
@@ -164,19 +186,27 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
     check_schedules(cfg)
     shards = shard_seeds(cfg)
     digests = current_digests(cfg)
-    todo, stale = [], []
+    hist_path = run_dir / "latency_histories.npy"
+    todo, stale, reused = [], [], []
     for spec in cfg.methods:
         for i, seeds in enumerate(shards):
             path = shard_path(run_dir, spec, seeds)
             if path.exists() and json.loads(path.read_text()).get("schedule_sha256") != digests[spec]:
                 stale.append(path.name)  # made with another schedule file of the same name: redo
                 path.unlink()
+            records = spec == cfg.methods[0] and i == 0  # this shard records the timing's observations
+            source = None if path.exists() or (records and not hist_path.exists()) else \
+                reusable_shard(cfg, run_dir, path, digests[spec])
+            if source is not None:
+                shutil.copyfile(source, path)
+                reused.append(path.name)
             if not path.exists():
-                todo.append((spec, seeds, path, spec == cfg.methods[0] and i == 0))
+                todo.append((spec, seeds, path, records))
     if stale:
         print(f"{policy_name}: {len(stale)} shard(s) were made with another schedule file; redoing them: "
               + ", ".join(stale[:6]) + (" ..." if len(stale) > 6 else ""))
-    hist_path = run_dir / "latency_histories.npy"
+    if reused:
+        print(f"{policy_name}: {len(reused)} finished shard(s) copied from {', '.join(cfg.reuse_from)}")
     lat_path = run_dir / "latency.json"
     lat = json.loads(lat_path.read_text()) if lat_path.exists() else None
     need_latency = cfg.latency and (cfg.retime or lat is None or lat["specs"] != list(cfg.methods)

@@ -151,3 +151,30 @@ def test_frontier_table_compares_each_caching_point_with_the_best_step_reduction
     assert labels["uncached / compile"] == (1000, 0.95)  # same success, 3% apart: one label
     assert "lossless" in labels and "bac20" in labels  # other success / 10% slower: their own labels
     assert len(labels) == len(rows) - 1
+
+
+def test_sweep_copies_finished_shards_of_the_same_run_from_another_results_dir(tmp_path, capsys):
+    from eval import sweep
+
+    ckpt = tiny_checkpoint(tmp_path / "push2d_tiny")
+    args = [f"checkpoint={ckpt}", "episodes=2", "shards=1", "num_envs=2", "num_cpus=2", "latency=false"]
+    main_dir, low_dir, other_envs = tmp_path / "main", tmp_path / "low", tmp_path / "other_envs"
+    sweep.main(args + ["methods=[uncached,ddim5]", f"results_dir={main_dir}"])
+    for name in ("uncached", "ddim5"):  # a marker only a copy can carry
+        shard = main_dir / "runs" / "push2d_tiny" / "success" / f"{name}__100000-100001.json"
+        shard.write_text(json.dumps({**json.loads(shard.read_text()), "successes": 12345}) + "\n")
+
+    sweep.main(args + ["methods=[uncached,ddim5,ddim3]", f"results_dir={low_dir}", f"reuse_from=[{main_dir}]"])
+    assert "1 finished shard(s) copied" in capsys.readouterr().out  # ddim5; uncached records the histories
+    low = low_dir / "runs" / "push2d_tiny" / "success"
+    assert json.loads((low / "ddim5__100000-100001.json").read_text())["successes"] == 12345
+    assert json.loads((low / "uncached__100000-100001.json").read_text())["successes"] <= 2  # rerun here
+
+    # another batching is another run: nothing is copied
+    sweep.main(args[:3] + ["num_envs=1", "num_cpus=2", "latency=false", "methods=[uncached,ddim5]",
+                           f"results_dir={other_envs}", f"reuse_from=[{main_dir}]"])
+    for name in ("uncached", "ddim5"):
+        assert json.loads((other_envs / f"runs/push2d_tiny/success/{name}__100000-100001.json").read_text())[
+            "successes"] <= 2
+    with pytest.raises(ValueError, match="not a directory"):
+        sweep.SweepConfig(checkpoint=str(ckpt), reuse_from=[str(tmp_path / "missing")])
