@@ -250,10 +250,11 @@ def main(cfg: DiagnoseConfig) -> dict:
     if cfg.run_policy:
         checkpoint = Path(cfg.checkpoint or f"checkpoints/{cfg.task}_dp_t")
         policy = pa.load_policy(checkpoint)
+        setting = cfg.method or cfg.sampler or "ddim10"
         if cfg.method:
             apply_method(policy, parse_method(cfg.method), checkpoint)
         else:
-            sampler = cfg.sampler or "ddim10"
+            sampler = setting
             kind = sampler.rstrip("0123456789")
             policy.set_sampler(SamplerConfig(kind, int(sampler[len(kind):]), policy.config.sampler.num_train_steps))
         out["policy"] = {"checkpoint": str(checkpoint), "checkpoint_hash": policy.checkpoint_hash, "passes": [],
@@ -278,7 +279,7 @@ def main(cfg: DiagnoseConfig) -> dict:
             policy.seed(padded[0] + 10**6 * k)  # k = 0: the sampling noise of eval/rollout.py
             return lambda obs, done: policy.select_action(obs, done=done)
         eps, wall = run_all(cfg.task, venv, list(range(cfg.seed, cfg.seed + cfg.episodes)), policy_act, chunk,
-                            f"policy {cfg.method or cfg.sampler or 'ddim10'} noise_seed={k}")
+                            f"policy {setting} noise_seed={k}")
         out["policy"]["passes"].append({"noise_seed": k, **summarise(cfg.task, eps), "wall_s": wall})
         groups.setdefault("policy_success", []).extend(e for e in eps if e["success"])
         groups.setdefault("policy_failure", []).extend(e for e in eps if not e["success"])
