@@ -73,27 +73,30 @@ card-rollout-%: $(STAMP)
 		num_cpus=1 plot=false out=eval/results/rollout_$*.json
 
 # where each task's training wrote log.jsonl (train-square, train-can below; Lift: python eval/train.py env=lift)
-RUN_DIR_square := runs/square_abs_h10_dp_t
+RUN_DIR_square := runs/square_abs400_h10_dp_t
 RUN_DIR_can := runs/can_delta_h10_dp_t
 ship-%: schedules-% card-rollout-%
 	$(PY) eval/card.py checkpoint=checkpoints/$*_dp_t run_dir=$(or $(RUN_DIR_$*),runs/$*_dp_t) \
 		rollout=eval/results/rollout_$*.json
 
 # Training longer than one sitting (Square: absolute eef-pose actions, 6D rotations in the obs; Can below):
-# resumes runs/<task>_abs_dp_t when it exists, else warm-starts from the committed fp16 snapshot
-# checkpoints/<task>_dp_t/in_training (rewritten every 500 steps; commit it at each stop).
+# resumes $(RUN_DIR_<task>) when it exists, else warm-starts from the committed fp16 snapshot
+# checkpoints/<task>_dp_t/in_training (rewritten every 500 steps; commit it at each stop), else from the
+# shipped checkpoint when there is one.
 # Niced, one thread: one job per core.  make train-can TRAIN_STEPS=8000
 # Horizon 10 as Diffusion Policy's transformer on robomimic (To 2, Ta 8, Tp 10): 1.5x faster steps than 16;
 # the first segments ran at 16 and warm-start exactly (a causal DP-T's first 10 outputs never see the rest).
 TRAIN_STEPS ?= 8000
+TRAIN_ARGS ?=
 # bf16 autocast where the CPU has avx512_bf16 (else emulated: many times slower than fp32). On the Xeon with AMX
 # of 2026-12-02: 0.37 s per Square step against 0.65 in fp32 (1 thread), the loss equal to 4 digits over 60 steps
 TRAIN_PRECISION ?= $(if $(shell grep -m1 -ow avx512_bf16 /proc/cpuinfo 2>/dev/null),bf16,fp32)
 train-%: $(STAMP) data/%_abs_rot6d.zarr
-	nice -n 19 $(PY) eval/train.py env=$* dataset=data/$*_abs_rot6d.zarr out_dir=runs/$*_abs_h10_dp_t export_dir=null horizon=10 \
-		snapshot_dir=checkpoints/$*_dp_t/in_training steps=$(TRAIN_STEPS) save_every=500 precision=$(TRAIN_PRECISION) \
-		num_threads=1 progress=false \
-		$(if $(wildcard checkpoints/$*_dp_t/in_training/model.safetensors),init_from=checkpoints/$*_dp_t/in_training)
+	nice -n 19 $(PY) eval/train.py env=$* dataset=data/$*_abs_rot6d.zarr out_dir=$(or $(RUN_DIR_$*),runs/$*_abs_h10_dp_t) \
+		export_dir=null horizon=10 snapshot_dir=checkpoints/$*_dp_t/in_training steps=$(TRAIN_STEPS) save_every=500 \
+		precision=$(TRAIN_PRECISION) num_threads=1 progress=false $(TRAIN_ARGS) \
+		$(if $(wildcard checkpoints/$*_dp_t/in_training/model.safetensors),init_from=checkpoints/$*_dp_t/in_training,\
+		$(if $(wildcard checkpoints/$*_dp_t/model.safetensors),init_from=checkpoints/$*_dp_t))
 	$(PY) eval/card.py checkpoint=checkpoints/$*_dp_t/in_training
 
 # Can continues on delta actions (the README's Can comparison: 16/20 at 21k delta steps against 8/20 at 9.5k
@@ -109,8 +112,10 @@ data/can.zarr: | $(STAMP)
 	$(PY) eval/collect.py env=can episodes=200 seed=0
 
 .PRECIOUS: data/%_abs_rot6d.zarr
+# Square's 400 demos (seeds 0-399) begin with the 200 its first 63k steps were trained on (same seeds, same data)
+DEMOS_square := 400
 data/%_abs_rot6d.zarr: | $(STAMP)
-	$(PY) eval/collect.py env=$* episodes=200 seed=0 action_mode=abs rotations=rot6d
+	$(PY) eval/collect.py env=$* episodes=$(or $(DEMOS_$*),200) seed=0 action_mode=abs rotations=rot6d
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -69,8 +69,12 @@ def flat_segments(segments: list[dict], end_step: int) -> list[dict]:
         rows.append({"first": offset + s["from_step"], "last": offset + end, "lr_steps": s["steps"],
                      "precision": s["precision"], "hours": s.get("hours"), "cpu_hours": s.get("cpu_hours"),
                      "dataset": s.get("dataset", "-"),
-                     "init_from": init["init_from"] if init and s is runs[0] else None})
+                     "init_from": _warm_start(init) if init and s is runs[0] else None})
     return rows
+
+
+def _warm_start(init: dict) -> str:
+    return init["init_from"] + (f" (normalisers {init['normalizers']})" if "normalizers" in init else "")
 
 
 def render_in_training(checkpoint: str) -> str:

@@ -13,7 +13,9 @@ EMA of the weights (power 0.75). Everything goes to `out_dir`:
 At the end the checkpoint is also written to `export_dir` (e.g. checkpoints/lift_dp_t).
 `init_from=checkpoints/can_dp_t` starts a new run from a shipped checkpoint's EMA weights and
 normalisers (same architecture and data range, else an error); its steps count toward the exported
-train_steps and its segments stay in the record.
+train_steps and its segments stay in the record. `init_normalizers=dataset` instead fits the normalisers
+to this run's dataset (e.g. more demos reaching beyond the checkpoint's ranges) and lets the warm-started
+weights adapt to them.
 
 A stop (Ctrl-C, SIGTERM) finishes the current step, saves (state and snapshot) and raises
 KeyboardInterrupt, so no finished step is lost.
@@ -77,6 +79,7 @@ class TrainConfig:
     # warm start: a shipped checkpoint whose EMA weights initialise a new run (fresh optimiser and LR
     # schedule); its training steps are added to this run's in the exported train_steps
     init_from: str | None = None
+    init_normalizers: str = "checkpoint"  # with init_from: the checkpoint's normalisers | "dataset": refit here
     snapshot_dir: str | None = None  # also write fp16 EMA weights here at every save (see above)
     # denoiser architecture: fields of the model's config (DPTransformerConfig), e.g. n_layer, n_emb,
     # p_drop_attn; what is not given keeps that config's default. configs/train.yaml spells out the recipe.
@@ -94,6 +97,10 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.init_normalizers not in ("checkpoint", "dataset"):
+            raise ValueError(f"init_normalizers must be 'checkpoint' or 'dataset', got {self.init_normalizers!r}")
+        if self.init_normalizers == "dataset" and not self.init_from:
+            raise ValueError("init_normalizers=dataset refits a warm start's normalisers: it needs init_from=")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
 
@@ -160,9 +167,10 @@ def _arch(policy_config: dict) -> dict:
     return {k: v for k, v in policy_config.items() if k != "info"}
 
 
-def _init_segment(policy: Policy, path: str, policy_config: PolicyConfig) -> dict:
-    """Load a checkpoint's weights and normalisers into `policy` and return the segment that records
-    where the run started (with the checkpoint's own segments as its history)."""
+def _init_segment(policy: Policy, path: str, policy_config: PolicyConfig, normalizers: str = "checkpoint") -> dict:
+    """Load a checkpoint's weights, and its normalisers unless `normalizers="dataset"` keeps those `policy`
+    was fit with, into `policy`; return the segment that records where the run started (with the
+    checkpoint's own segments as its history)."""
     source = load_policy(path, device="cpu")
     weights = source.model.state_dict()
     if source.config.horizon != policy_config.horizon:
@@ -171,7 +179,7 @@ def _init_segment(policy: Policy, path: str, policy_config: PolicyConfig) -> dic
     if _arch(source.config.to_dict()) != _arch(policy_config.to_dict()):
         raise ValueError(f"init_from={path}: its config.json describes another policy than this run\n"
                          f" checkpoint: {_arch(source.config.to_dict())}\n run: {_arch(policy_config.to_dict())}")
-    for name in ("obs_normalizer", "action_normalizer"):
+    for name in ("obs_normalizer", "action_normalizer") if normalizers == "checkpoint" else ():
         # the weights expect the checkpoint's normalisers; a dataset recollected on another machine may
         # differ a little (MuJoCo: Can's 200 demos, recollected, reached 1.2% beyond one gripper range;
         # Square's left 8.4% of a rotation range unused, its most extreme demo not redrawn)
@@ -183,12 +191,14 @@ def _init_segment(policy: Policy, path: str, policy_config: PolicyConfig) -> dic
             raise ValueError(f"init_from={path}: its {name} differs from this dataset's (the data reaches "
                              f"{beyond.max():.1%} of a range beyond it, leaves {unused.max():.1%} of one unused; "
                              f"tolerated: {INIT_NORMALIZER_TOLERANCE:.0%}, {INIT_UNUSED_RANGE_TOLERANCE:.0%}): "
-                             "the checkpoint was trained on other data")
+                             "the checkpoint was trained on other data (init_normalizers=dataset refits them "
+                             "to this dataset)")
         ours.load_state_dict(theirs.state_dict())
     policy.model.load_state_dict(weights)
     steps = int(source.config.info.get("train_steps") or 0)
-    return {"from_step": 0, "steps": 0, "precision": "-", "init_from": str(path), "init_train_steps": steps,
-            "history": source.config.info.get("train_segments") or []}
+    segment = {"from_step": 0, "steps": 0, "precision": "-", "init_from": str(path), "init_train_steps": steps,
+               "history": source.config.info.get("train_segments") or []}
+    return segment | ({"normalizers": "refit to the dataset"} if normalizers == "dataset" else {})
 
 
 def _shorter_horizon(source: Policy, horizon: int, path: str) -> dict:
@@ -255,7 +265,8 @@ def train(cfg: TrainConfig) -> Path:
 
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
                                  num_training_steps=cfg.steps)
-    init = _init_segment(policy, cfg.init_from, policy_config) if state is None and cfg.init_from else None
+    init = (_init_segment(policy, cfg.init_from, policy_config, cfg.init_normalizers)
+            if state is None and cfg.init_from else None)
     ema = _ema(policy, cfg)
     step = 0
     if state is not None:

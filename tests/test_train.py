@@ -204,9 +204,18 @@ def test_init_from_warm_starts_from_a_shipped_checkpoint(dataset_path, tmp_path)
                                      init_from=str(shipped))))
     assert torch.equal(warm.obs_normalizer.max, start.obs_normalizer.max)  # the checkpoint's own normalisers
     obs[np.argmax(obs[:, 0]), 0] += 0.01 * np.ptp(obs[:, 0])  # now 2.5% beyond: refused
+    beyond = toy_like(tmp_path / "beyond.zarr", obs, buffer.action)
     with pytest.raises(ValueError, match=r"obs_normalizer differs .*reaches 2\.5% of a range beyond"):
-        train(tiny(toy_like(tmp_path / "beyond.zarr", obs, buffer.action),
-                   tmp_path / "beyond", init_from=str(shipped)))
+        train(tiny(beyond, tmp_path / "beyond", init_from=str(shipped)))
+    refit = pa.load_policy(train(tiny(beyond, tmp_path / "refit", steps=1, lr=0.0, warmup_steps=0,
+                                      init_from=str(shipped), init_normalizers="dataset")))
+    assert refit.obs_normalizer.max[0] == pytest.approx(float(obs[:, 0].max()))  # this dataset's range
+    assert torch.equal(refit.action_normalizer.min, start.action_normalizer.min)  # same actions, same fit
+    for a, b in zip(start.model.parameters(), refit.model.parameters(), strict=True):
+        assert torch.equal(a, b)  # the checkpoint's weights
+    assert refit.config.info["train_segments"][0]["normalizers"] == "refit to the dataset"
+    with pytest.raises(ValueError, match="init_normalizers=dataset .* needs init_from"):
+        tiny(beyond, tmp_path / "nowarm", init_normalizers="dataset")
     action = np.array(buffer.action)  # the most extreme action not redrawn: 10% of a range unused, accepted
     action[:, 1] = np.maximum(action[:, 1], action[:, 1].min() + 0.1 * np.ptp(action[:, 1]))
     narrower = toy_like(tmp_path / "narrower.zarr", buffer.obs, action)
