@@ -179,7 +179,8 @@ def _init_segment(policy: Policy, path: str, policy_config: PolicyConfig, normal
     if _arch(source.config.to_dict()) != _arch(policy_config.to_dict()):
         raise ValueError(f"init_from={path}: its config.json describes another policy than this run\n"
                          f" checkpoint: {_arch(source.config.to_dict())}\n run: {_arch(policy_config.to_dict())}")
-    for name in ("obs_normalizer", "action_normalizer") if normalizers == "checkpoint" else ():
+    kept = ("obs_normalizer", "action_normalizer") if normalizers == "checkpoint" else ()  # "dataset": ours stay
+    for name in kept:
         # the weights expect the checkpoint's normalisers; a dataset recollected on another machine may
         # differ a little (MuJoCo: Can's 200 demos, recollected, reached 1.2% beyond one gripper range;
         # Square's left 8.4% of a rotation range unused, its most extreme demo not redrawn)
