@@ -68,7 +68,7 @@ def flat_segments(segments: list[dict], end_step: int) -> list[dict]:
     for s, end in zip(runs, ends, strict=True):
         rows.append({"first": offset + s["from_step"], "last": offset + end, "lr_steps": s["steps"],
                      "precision": s["precision"], "hours": s.get("hours"), "cpu_hours": s.get("cpu_hours"),
-                     "dataset": s.get("dataset", "-"),
+                     "dataset": s.get("dataset", "-"), "episodes": s.get("episodes"),
                      "init_from": _warm_start(init) if init and s is runs[0] else None})
     return rows
 
@@ -102,8 +102,8 @@ def segment_table(rows: list[dict]) -> list[str]:
         h, cpu = (f"{r[k]:.2f}" if r.get(k) is not None else "-" for k in ("hours", "cpu_hours"))
         origin = f"`{r['init_from']}` (its EMA weights)" if r["init_from"] else "-"
         lr = f"cosine over {r['lr_steps']}" if r["lr_steps"] is not None else "not recorded"
-        lines.append(f"| {r['first']}-{r['last']} | {lr} | {r['precision']} | {h} | {cpu} "
-                     f"| `{r['dataset']}` | {origin} |")
+        data = f"`{r['dataset']}`" + (f" ({r['episodes']} episodes)" if r.get("episodes") else "")
+        lines.append(f"| {r['first']}-{r['last']} | {lr} | {r['precision']} | {h} | {cpu} | {data} | {origin} |")
     return lines
 
 

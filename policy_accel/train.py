@@ -280,11 +280,13 @@ def train(cfg: TrainConfig) -> Path:
         if "cuda_rng" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         _trim_log(out / LOG_FILE, step)
-    # what each stretch of the run was trained with (a larger steps= or another precision starts one)
+    # what each stretch of the run was trained with (a larger steps=, another precision or other data starts
+    # one; segments written before episode counts were recorded are compared on the dataset path alone)
     segments = state.get("segments", []) if state is not None else ([init] if init else [])
-    if not segments or (segments[-1]["steps"], segments[-1]["precision"]) != (cfg.steps, cfg.precision):
-        segments.append({"from_step": step, "steps": cfg.steps, "precision": cfg.precision,
-                         "dataset": str(cfg.dataset), "hours": 0.0, "cpu_hours": 0.0})
+    stretch = {"steps": cfg.steps, "precision": cfg.precision, "dataset": str(cfg.dataset),
+               "episodes": buffer.n_episodes}
+    if not segments or any(segments[-1].get(k, v) != v for k, v in stretch.items()):
+        segments.append({"from_step": step, **stretch, "hours": 0.0, "cpu_hours": 0.0})
 
     def train_info():
         before = segments[0].get("init_train_steps", 0) if segments else 0

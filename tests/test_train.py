@@ -9,6 +9,7 @@ import torch
 import zarr
 
 import policy_accel as pa
+from eval.card import flat_segments, segment_table
 from eval.cli import compose
 from policy_accel.data import ReplayBuffer, SequenceDataset, sequence_indices
 from policy_accel.train import STATE_FILE, TrainConfig, batch_indices, train
@@ -177,6 +178,27 @@ def test_raising_steps_extends_a_finished_run_on_the_longer_schedule(dataset_pat
     assert all(s["dataset"] == str(dataset_path) and s["hours"] > 0 and s["cpu_hours"] > 0 for s in segments)
 
 
+def test_a_resume_on_other_data_starts_a_stretch_that_names_it(dataset_path, tmp_path, monkeypatch):
+    def crash_in_6th_update(step, *args):
+        if step == 5:
+            raise KeyboardInterrupt
+        return batch_indices(step, *args)
+
+    monkeypatch.setattr("policy_accel.train.batch_indices", crash_in_6th_update)
+    with pytest.raises(KeyboardInterrupt):  # saved at step 4
+        train(tiny(dataset_path, tmp_path / "run"))
+    monkeypatch.undo()
+    buf = ReplayBuffer.load(dataset_path)
+    fewer = write_zarr(tmp_path / "fewer.zarr", buf.obs[:TOY_ENDS[2]], buf.action[:TOY_ENDS[2]], TOY_ENDS[:3],
+                       {"env": "toy", "obs_layout": [["x", 4]]})
+    train(tiny(fewer, tmp_path / "run"))  # same steps and precision, 3 of the 4 episodes
+    segments = pa.load_policy(tmp_path / "run" / "checkpoint").config.info["train_segments"]
+    assert stretches(segments) == [(0, 8, "fp32"), (4, 8, "fp32")]
+    assert [(s["dataset"], s["episodes"]) for s in segments] == [(str(dataset_path), 4), (str(fewer), 3)]
+    assert "| 4-8 | cosine over 8 | fp32 |" in "\n".join(segment_table(flat_segments(segments, 8)))
+    assert f"`{fewer}` (3 episodes)" in "\n".join(segment_table(flat_segments(segments, 8)))
+
+
 def test_init_from_warm_starts_from_a_shipped_checkpoint(dataset_path, tmp_path):
     shipped = train(tiny(dataset_path, tmp_path / "first", export_dir=str(tmp_path / "ship")))
     start = pa.load_policy(shipped)
@@ -338,7 +360,7 @@ def test_tiny_policy_trained_on_push2d_beats_random(tmp_path):
 
 
 def test_in_training_card_lists_every_segment_across_warm_starts(dataset_path, tmp_path):
-    from eval.card import flat_segments, render_in_training
+    from eval.card import render_in_training
 
     snap = tmp_path / "in_training"
     train(tiny(dataset_path, tmp_path / "a", steps=4, snapshot_dir=str(snap)))
