@@ -69,12 +69,9 @@ def flat_segments(segments: list[dict], end_step: int) -> list[dict]:
         rows.append({"first": offset + s["from_step"], "last": offset + end, "lr_steps": s["steps"],
                      "precision": s["precision"], "hours": s.get("hours"), "cpu_hours": s.get("cpu_hours"),
                      "dataset": s.get("dataset", "-"), "episodes": s.get("episodes"),
-                     "init_from": _warm_start(init) if init and s is runs[0] else None})
+                     "init_from": init["init_from"] if init and s is runs[0] else None,
+                     "normalizers": init.get("normalizers") if init and s is runs[0] else None})
     return rows
-
-
-def _warm_start(init: dict) -> str:
-    return init["init_from"] + (f" (normalisers {init['normalizers']})" if "normalizers" in init else "")
 
 
 def render_in_training(checkpoint: str) -> str:
@@ -100,7 +97,8 @@ def segment_table(rows: list[dict]) -> list[str]:
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         h, cpu = (f"{r[k]:.2f}" if r.get(k) is not None else "-" for k in ("hours", "cpu_hours"))
-        origin = f"`{r['init_from']}` (its EMA weights)" if r["init_from"] else "-"
+        refit = f"; normalisers {r['normalizers']}" if r.get("normalizers") else ""
+        origin = f"`{r['init_from']}` (its EMA weights{refit})" if r["init_from"] else "-"
         lr = f"cosine over {r['lr_steps']}" if r["lr_steps"] is not None else "not recorded"
         data = f"`{r['dataset']}`" + (f" ({r['episodes']} episodes)" if r.get("episodes") else "")
         lines.append(f"| {r['first']}-{r['last']} | {lr} | {r['precision']} | {h} | {cpu} | {data} | {origin} |")

@@ -236,6 +236,9 @@ def test_init_from_warm_starts_from_a_shipped_checkpoint(dataset_path, tmp_path)
     for a, b in zip(start.model.parameters(), refit.model.parameters(), strict=True):
         assert torch.equal(a, b)  # the checkpoint's weights
     assert refit.config.info["train_segments"][0]["normalizers"] == "refit to the dataset"
+    info = refit.config.info
+    assert f"| `{shipped}` (its EMA weights; normalisers refit to the dataset) |" in "\n".join(
+        segment_table(flat_segments(info["train_segments"], info["train_steps"])))
     with pytest.raises(ValueError, match="init_normalizers=dataset .* needs init_from"):
         tiny(beyond, tmp_path / "nowarm", init_normalizers="dataset")
     action = np.array(buffer.action)  # the most extreme action not redrawn: 10% of a range unused, accepted
