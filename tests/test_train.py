@@ -195,8 +195,8 @@ def test_a_resume_on_other_data_starts_a_stretch_that_names_it(dataset_path, tmp
     segments = pa.load_policy(tmp_path / "run" / "checkpoint").config.info["train_segments"]
     assert stretches(segments) == [(0, 8, "fp32"), (4, 8, "fp32")]
     assert [(s["dataset"], s["episodes"]) for s in segments] == [(str(dataset_path), 4), (str(fewer), 3)]
-    assert "| 4-8 | cosine over 8 | fp32 |" in "\n".join(segment_table(flat_segments(segments, 8)))
-    assert f"`{fewer}` (3 episodes)" in "\n".join(segment_table(flat_segments(segments, 8)))
+    table = "\n".join(segment_table(flat_segments(segments, 8)))
+    assert "| 4-8 | cosine over 8 | fp32 |" in table and f"`{fewer}` (3 episodes)" in table
 
 
 def test_init_from_warm_starts_from_a_shipped_checkpoint(dataset_path, tmp_path):
