@@ -66,11 +66,11 @@ def flat_segments(segments: list[dict], end_step: int) -> list[dict]:
                         "cpu_hours": None, "dataset": "-", "init_from": None}] if end_step else rows
     ends = [s["from_step"] for s in runs[1:]] + [end_step - offset]
     for s, end in zip(runs, ends, strict=True):
+        start = init if init and s is runs[0] else {}  # the warm start this stretch began from
         rows.append({"first": offset + s["from_step"], "last": offset + end, "lr_steps": s["steps"],
                      "precision": s["precision"], "hours": s.get("hours"), "cpu_hours": s.get("cpu_hours"),
                      "dataset": s.get("dataset", "-"), "episodes": s.get("episodes"),
-                     "init_from": init["init_from"] if init and s is runs[0] else None,
-                     "normalizers": init.get("normalizers") if init and s is runs[0] else None})
+                     "init_from": start.get("init_from"), "normalizers": start.get("normalizers")})
     return rows
 
 
