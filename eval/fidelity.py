@@ -45,6 +45,7 @@ class FidelityConfig:
         "ddim10", "ddim20", "uniform4", "taylorseer4o2", "bac10", "bac_taylor10o2",
         "bac10@ddim20", "bac_taylor10o2@ddim20"])
     observations: int = 32  # demo observation histories, run as one batch
+    dataset: str | None = None  # demo dataset to draw them from; default the checkpoint's own
     seed: int = 0
     num_threads: int = 2
     out: str | None = None  # JSON; default outputs/fidelity_<policy>.json (and .png beside it)
@@ -89,10 +90,12 @@ def fidelity(cfg: FidelityConfig) -> dict:
     torch.set_num_threads(cfg.num_threads)
     policy = pa.load_policy(cfg.checkpoint)
     pc = policy.config
-    dataset = pc.info.get("dataset")
+    dataset = cfg.dataset or pc.info.get("dataset")
+    if cfg.dataset and not Path(cfg.dataset).exists():
+        raise SystemExit(f"dataset={cfg.dataset!r} does not exist")
     if not dataset or not Path(dataset).exists():
         raise SystemExit(f"{cfg.checkpoint}: its demo dataset {dataset!r} is not here; collect it first "
-                         f"(see the checkpoint's card.md)")
+                         f"(see the checkpoint's card.md) or pass dataset=<another demo set of its task>")
     history = np.stack(demo_observations(dataset, cfg.observations, pc.n_obs_steps, seed=cfg.seed))
     noise = torch.randn(len(history), pc.horizon, pc.action_dim, generator=torch.Generator().manual_seed(cfg.seed))
     methods = [parse_method(m) for m in cfg.methods]
@@ -109,7 +112,7 @@ def fidelity(cfg: FidelityConfig) -> dict:
         rows.append({"method": m.name, "setting": m.spec, "base": base_of(m), "flops_ratio": flops / native_flops,
                      "vs_base": action_error(actions, outputs[base_of(m)][0]),
                      "vs_native": action_error(actions, native_actions)})
-    return {"checkpoint": cfg.checkpoint, "observations": len(history), "config": asdict(cfg),
+    return {"checkpoint": cfg.checkpoint, "dataset": dataset, "observations": len(history), "config": asdict(cfg),
             "sampling_spread": action_error(redrawn, native_actions), "results": rows}
 
 
@@ -145,7 +148,8 @@ def plot(result: dict, out: Path) -> None:
 @hydra_app(FidelityConfig, "fidelity")
 def main(cfg: FidelityConfig) -> dict:
     result = fidelity(cfg)
-    print(f"{cfg.checkpoint}: {result['observations']} demo observation histories, same noise for every method")
+    print(f"{cfg.checkpoint}: {result['observations']} observation histories from {result['dataset']}, "
+          "same noise for every method")
     head = (f"{'method':<26}{'FLOPs':>7}{'base':>10}{'|Δa| vs base':>14}{'|Δa| vs native':>16}"
             f"{'p95 vs native':>15}{'last-dim flips':>16}")
     print(head + "\n" + "-" * len(head))

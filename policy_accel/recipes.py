@@ -12,14 +12,15 @@ Grammar: [compile+ | carry<E>[r<R>][f]+]<method>[/<method>][@ddim<K> | @flow<K>]
     flow5                    the same for a flow-matching policy: 5 Euler steps
     every_step               hooks on every block, all compute (measures the hook overhead)
     uniform5                 reuse, all blocks refresh every 5 steps
-    taylorseer4o2            Taylor forecast (order 2), uniform refresh every 4 steps
+    taylorseer4o2            Taylor forecast (order 2), uniform refresh every 4 steps after step 0 (1, 5, 9, ...);
+                             w<N>: steps 0..N-1 full, then N, N+4, ... (taylorseer4o2w0: 0, 4, 8, ...)
     bac10 / bac10nb          BAC schedule with budget 10, with / without the Bubbling Union (5 blocks)
     bacg1.5nb                BAC on a pooled budget: 1.5 full-call equivalents of block-steps shared by all
                              blocks (at least step 0 each), placed by least squared reuse error
     bac_taylor10o2           BAC schedule + Taylor forecast of order 2 (ours); bac_taylorg1.5o1nb: pooled
     bac_taylor10o1f          ours, order 1, on a schedule calibrated against the order-1 forecast error
                              (bac_taylor10o0f: plain reuse on that schedule, an ablation)
-    diffusers_taylorseer4o1  diffusers' own TaylorSeer hook (warm-up 3)
+    diffusers_taylorseer4o1  diffusers' own TaylorSeer hook (warm-up 3: steps 0, 1, 2, then 4, 8, ...; w<N>: N)
     diffusers_fbc0.05        diffusers' First Block Cache on whole layers, threshold 0.05 (dynamic)
     diffusers_magcache0.06   diffusers' MagCache, threshold 0.06, at most 3 skips in a row (k9: 9),
                              no skips in the first 20% of the steps (r0.05: 5%)
@@ -60,7 +61,11 @@ from policy_accel.sampling import SamplerConfig
 BUBBLE_BLOCKS = 5
 STEP_FAMILIES = ("ddim", "flow")  # step reduction alone: the frontier every cache is compared with
 STATIC_FAMILIES = ("every_step", "uniform", "taylorseer", "bac", "bac_taylor")  # per-branch capable
-DIFFUSERS_WARMUP = 3
+
+
+def _warmup(p) -> dict:
+    """TaylorSeer's full steps before its refresh grid: w<N> in the string, else the config's default."""
+    return {} if p["warmup"] is None else {"warmup": p["warmup"]}
 
 
 def schedule_name(budget: int, bubble_blocks: int, sampler: str, num_steps: int, forecast_order: int = 0) -> str:
@@ -110,14 +115,15 @@ for _r in [
     Recipe("flow", r"flow(?P<steps>\d+)", None),
     Recipe("every_step", r"every_step", lambda p, f, c: EveryStepConfig(compile=c)),
     Recipe("uniform", r"uniform(?P<interval>\d+)", lambda p, f, c: UniformConfig(p["interval"], compile=c)),
-    Recipe("taylorseer", r"taylorseer(?P<interval>\d+)o(?P<order>\d+)",
-           lambda p, f, c: TaylorSeerConfig(p["interval"], p["order"], compile=c)),
+    Recipe("taylorseer", r"taylorseer(?P<interval>\d+)o(?P<order>\d+)(?:w(?P<warmup>\d+))?",
+           lambda p, f, c: TaylorSeerConfig(p["interval"], p["order"], **_warmup(p), compile=c)),
     Recipe("bac", r"bac(?:(?P<budget>\d+)|g(?P<calls>\d+\.\d+))(?P<nb>nb)?(?P<f>)",
            lambda p, f, c: BACConfig(schedule=f, compile=c), _bac_file, _bac_args),
     Recipe("bac_taylor", r"bac_taylor(?:(?P<budget>\d+)|g(?P<calls>\d+\.\d+))o(?P<order>\d+)(?P<nb>nb)?(?P<f>f)?",
            lambda p, f, c: BACTaylorConfig(schedule=f, order=p["order"], compile=c), _bac_file, _bac_args),
-    Recipe("diffusers_taylorseer", r"diffusers_taylorseer(?P<interval>\d+)o(?P<order>\d+)",
-           lambda p, f, c: DiffusersTaylorSeerConfig(p["interval"], p["order"], DIFFUSERS_WARMUP), ours=False),
+    Recipe("diffusers_taylorseer", r"diffusers_taylorseer(?P<interval>\d+)o(?P<order>\d+)(?:w(?P<warmup>\d+))?",
+           lambda p, f, c: DiffusersTaylorSeerConfig(p["interval"], p["order"], **_warmup(p)),
+           ours=False),
     Recipe("diffusers_fbc", r"diffusers_fbc(?P<threshold>\d+\.\d+)",
            lambda p, f, c: DiffusersFBCConfig(p["threshold"]), ours=False),
     Recipe("diffusers_magcache", r"diffusers_magcache(?P<threshold>\d+\.\d+)(k(?P<max_skip>\d+))?"

@@ -116,7 +116,17 @@ def test_method_strings_parse_and_reject_typos():
     m = parse_method("bac_taylor10o2nb@ddim20")
     params = {"budget": 10, "calls": None, "order": 2, "nb": True, "f": False}
     assert (m.family, m.params, m.base_steps) == ("bac_taylor", params, 20)
-    assert parse_method("taylorseer4o1").params == {"interval": 4, "order": 1}
+    assert parse_method("taylorseer4o1").params == {"interval": 4, "order": 1, "warmup": None}
+    # w<N>: TaylorSeer's full steps before its refresh grid; without it, each config's own default
+    for spec, cls, warmup in [("taylorseer4o1", pa.TaylorSeerConfig, 1), ("taylorseer4o1w0", pa.TaylorSeerConfig, 0),
+                              ("diffusers_taylorseer4o2", pa.DiffusersTaylorSeerConfig, 3),
+                              ("diffusers_taylorseer4o2w2@ddim20", pa.DiffusersTaylorSeerConfig, 2)]:
+        m = parse_method(spec)
+        config = m.recipe.build(m.params, None, False)
+        assert type(config) is cls and (config.interval, config.warmup) == (4, warmup)
+    m = parse_method("diffusers_taylorseer4o1w0")
+    with pytest.raises(ValueError, match="warmup >= 1"):
+        m.recipe.build(m.params, None, False)
     assert parse_method("diffusers_fbc0.05@ddim20").params == {"threshold": 0.05}
     assert parse_method("diffusers_magcache0.2k9").params == {"threshold": 0.2, "max_skip": 9, "retention": None}
     for bad in ("bac", "ddim", "fast", "ddim10@ddim20", "uniform4@ddpm50", "diffusers_fbc5"):
@@ -266,6 +276,8 @@ def test_calibrate_cli_writes_schedules_that_methods_load(tmp_path):
     assert rows["uniform4"]["vs_base"] == rows["uniform4"]["vs_native"] and rows["uniform4"]["vs_base"]["mean_abs"] > 0
     assert rows["ddim5"]["flops_ratio"] == pytest.approx(5 / 20, rel=0.02)
     assert result["sampling_spread"]["mean_abs"] > 0  # a second draw with other noise: not the same actions
+    with pytest.raises(SystemExit, match="dataset='nowhere.zarr' does not exist"):
+        fidelity.main([f"checkpoint={ckpt}", "methods=[ddim5]", "dataset=nowhere.zarr"])
 
 
 SUMMARY_FIELDS = {"policy", "task", "method", "setting", "n_episodes", "successes", "success_rate", "ci_low",

@@ -127,8 +127,9 @@ class DiffusersTaylorSeerConfig:
     blocks: str | None = None
 
     def __post_init__(self):
-        if self.interval < 1 or self.order < 0 or self.warmup < 0:
-            raise ValueError(f"need interval >= 1, order >= 0, warmup >= 0; got {self}")
+        if self.interval < 1 or self.order < 0 or self.warmup < 1:
+            raise ValueError(f"need interval >= 1, order >= 0, warmup >= 1 (with 0, diffusers' hook forecasts "
+                             f"step 0 from nothing); got {self}")
 
     @property
     def tag(self) -> str:
