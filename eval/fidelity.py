@@ -91,10 +91,9 @@ def fidelity(cfg: FidelityConfig) -> dict:
     policy = pa.load_policy(cfg.checkpoint)
     pc = policy.config
     dataset = cfg.dataset or pc.info.get("dataset")
-    if cfg.dataset and not Path(cfg.dataset).exists():
-        raise SystemExit(f"dataset={cfg.dataset!r} does not exist")
     if not dataset or not Path(dataset).exists():
-        raise SystemExit(f"{cfg.checkpoint}: its demo dataset {dataset!r} is not here; collect it first "
+        raise SystemExit(f"dataset={dataset!r} does not exist" if cfg.dataset else
+                         f"{cfg.checkpoint}: its demo dataset {dataset!r} is not here; collect it first "
                          f"(see the checkpoint's card.md) or pass dataset=<another demo set of its task>")
     history = np.stack(demo_observations(dataset, cfg.observations, pc.n_obs_steps, seed=cfg.seed))
     noise = torch.randn(len(history), pc.horizon, pc.action_dim, generator=torch.Generator().manual_seed(cfg.seed))

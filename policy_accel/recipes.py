@@ -122,8 +122,7 @@ for _r in [
     Recipe("bac_taylor", r"bac_taylor(?:(?P<budget>\d+)|g(?P<calls>\d+\.\d+))o(?P<order>\d+)(?P<nb>nb)?(?P<f>f)?",
            lambda p, f, c: BACTaylorConfig(schedule=f, order=p["order"], compile=c), _bac_file, _bac_args),
     Recipe("diffusers_taylorseer", r"diffusers_taylorseer(?P<interval>\d+)o(?P<order>\d+)(?:w(?P<warmup>\d+))?",
-           lambda p, f, c: DiffusersTaylorSeerConfig(p["interval"], p["order"], **_warmup(p)),
-           ours=False),
+           lambda p, f, c: DiffusersTaylorSeerConfig(p["interval"], p["order"], **_warmup(p)), ours=False),
     Recipe("diffusers_fbc", r"diffusers_fbc(?P<threshold>\d+\.\d+)",
            lambda p, f, c: DiffusersFBCConfig(p["threshold"]), ours=False),
     Recipe("diffusers_magcache", r"diffusers_magcache(?P<threshold>\d+\.\d+)(k(?P<max_skip>\d+))?"
